@@ -1,0 +1,273 @@
+"""``params.yaml`` as pydantic models: one section per stage plus ``tracking`` and ``orchestration``.
+
+Every model forbids unknown keys; method names are checked against the plug-in registries. Errors are
+raised as :class:`dataopt.errors.ConfigError` with one readable line per problem that lists the valid
+keys or names.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dataopt.errors import ConfigError
+
+STAGE_SECTIONS = ("ingest", "embed", "perceive", "analyze", "optimize", "train", "evaluate")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_method(family: str, name: str, kwargs: Optional[dict] = None) -> None:
+    from dataopt import registry
+
+    registry.load_plugins()
+    getattr(registry, family).check_kwargs(name, kwargs)
+
+
+class NoiseParams(Section):
+    """Synthetic label noise injected into the training split (benchmarks only)."""
+
+    kind: Literal["none", "symmetric", "pair"] = "none"
+    rate: float = Field(0.0, ge=0.0, lt=1.0)
+    seed: int = 0
+
+
+class IngestParams(Section):
+    source: str = "sklearn_digits"
+    path: Optional[str] = None
+    eval_path: Optional[str] = None
+    image_column: str = "image"
+    path_column: Optional[str] = None
+    label_column: str = "label"
+    eval_label_column: Optional[str] = None
+    label_name_column: Optional[str] = "label_name"
+    clean_label_column: Optional[str] = None
+    id_column: Optional[str] = None
+    classes: Optional[list[str]] = None
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    image_size: Optional[int] = Field(None, ge=4, le=1024)
+    max_pixels: int = Field(50_000_000, gt=0)
+    max_quarantine_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    limit: Optional[int] = Field(None, gt=0)
+    noise: NoiseParams = NoiseParams()
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        _check_method("SOURCES", v)
+        return v
+
+
+class EmbedParams(Section):
+    backend: str = "pixels"
+    kwargs: dict[str, Any] = {}
+    knn_k: int = Field(10, ge=1, le=1000)
+    batch_size: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _backend(self) -> "EmbedParams":
+        _check_method("EMBEDDERS", self.backend, self.kwargs)
+        return self
+
+
+class PerceiveParams(Section):
+    model: Literal["head", "cnn"] = "head"
+    folds: int = Field(4, ge=2, le=20)
+    epochs: int = Field(12, ge=1)
+    early_epochs: int = Field(3, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(0.05, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    max_seconds: Optional[float] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _early(self) -> "PerceiveParams":
+        if self.early_epochs > self.epochs:
+            raise ValueError(f"early_epochs ({self.early_epochs}) must be <= epochs ({self.epochs})")
+        return self
+
+
+class AnalyzeParams(Section):
+    detector: str = "gmm"
+    kwargs: dict[str, Any] = {}
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _detector(self) -> "AnalyzeParams":
+        _check_method("DETECTORS", self.detector, self.kwargs)
+        return self
+
+
+class OptimizeParams(Section):
+    method: str = "moderate"
+    ratio: float = Field(1.0, gt=0.0, le=1.0)
+    kwargs: dict[str, Any] = {}
+    weighting: str = "p_clean"
+    weighting_kwargs: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _methods(self) -> "OptimizeParams":
+        _check_method("SELECTORS", self.method, self.kwargs)
+        _check_method("WEIGHTERS", self.weighting, self.weighting_kwargs)
+        if self.method == "none" and self.ratio != 1.0:
+            raise ValueError(f"method 'none' keeps every sample; ratio={self.ratio} needs a selector")
+        return self
+
+
+class TrainParams(Section):
+    model: str = "small_cnn"
+    width: int = Field(32, ge=4)
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    augment: Literal["none", "flip_crop", "crop"] = "none"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        _check_method("MODELS", v)
+        return v
+
+
+class EvaluateParams(Section):
+    ece_bins: int = Field(15, ge=2)
+    batch_size: int = Field(1024, ge=1)
+
+
+class TrackingParams(Section):
+    enabled: bool = True
+    experiment: str = "dataopt"
+    tracking_uri: Optional[str] = None
+    log_model: bool = True
+
+
+class OrchestrationParams(Section):
+    task_runner: Literal["threads", "dask"] = "threads"
+    dask_address: Optional[str] = None
+    retries: int = Field(1, ge=0)
+    retry_delay_seconds: float = Field(1.0, ge=0)
+    cache: bool = True
+
+
+class Params(Section):
+    """The whole of ``params.yaml``."""
+
+    seed: int = 0
+    ingest: IngestParams = IngestParams()
+    embed: EmbedParams = EmbedParams()
+    perceive: PerceiveParams = PerceiveParams()
+    analyze: AnalyzeParams = AnalyzeParams()
+    optimize: OptimizeParams = OptimizeParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tracking: TrackingParams = TrackingParams()
+    orchestration: OrchestrationParams = OrchestrationParams()
+
+    def section(self, name: str) -> dict[str, Any]:
+        return getattr(self, name).model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.epochs": 15, ...}`` for tracking."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
+    model: Any = Params
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        model = field.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        where = ".".join(loc) or "params"
+        if e["type"] == "extra_forbidden":
+            model = _model_at(loc)
+            valid = ", ".join(model.model_fields) if model else "?"
+            kind = "section" if len(loc) == 1 else "key"
+            lines.append(f"{where}: unknown {kind}; valid: {valid}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            ctx = e.get("ctx", {}).get("error")
+            if isinstance(ctx, ConfigError):
+                msg = str(ctx)
+            lines.append(f"{where}: {msg}")
+    return "invalid params:\n  " + "\n  ".join(lines)
+
+
+def validate(raw: dict[str, Any]) -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError("invalid params: the top level of params.yaml must be a mapping")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.epochs=3"`` -> ``(["train", "epochs"], 3)`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, value = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return parts, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read ``path``, apply ``--set`` overrides, validate. Raises ConfigError."""
+    return validate(apply_overrides(read_yaml(path), overrides))

@@ -1,0 +1,19 @@
+"""Errors that reach the user as one readable message (exit code 2), not a traceback."""
+
+
+class UserError(Exception):
+    """A mistake the user can fix: bad params, a missing path, unusable data. CLI exit code 2."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """params.yaml (or an override) is invalid."""
+
+
+class DataError(UserError):
+    """Input data cannot be used (no valid sample left, too many quarantined, wrong schema)."""
+
+
+class MissingArtifactError(UserError):
+    """A stage needs the output of an earlier stage that has not been produced."""
