@@ -67,7 +67,8 @@ class EmbedParams(Section):
     backend: str = "pixels"
     kwargs: dict[str, Any] = {}
     knn_k: int = Field(10, ge=1, le=1000)
-    batch_size: int = Field(512, ge=1)
+    batch_size: int = Field(512, ge=1)  # rows embedded per block (bounds memory), not a training batch
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
     def _backend(self) -> "EmbedParams":
@@ -77,18 +78,24 @@ class EmbedParams(Section):
 
 class PerceiveParams(Section):
     model: Literal["head", "cnn"] = "head"
+    hidden: int = Field(0, ge=0)  # head: 0 = linear, else one hidden layer of this width
+    width: int = Field(16, ge=4)  # cnn: SmallCNN width
     folds: int = Field(4, ge=2, le=20)
     epochs: int = Field(12, ge=1)
     early_epochs: int = Field(3, ge=1)
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(128, ge=1)
     lr: float = Field(0.05, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     max_seconds: Optional[float] = Field(None, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    signals: Optional[list[str]] = None  # null = every registered signal
 
     @model_validator(mode="after")
     def _early(self) -> "PerceiveParams":
         if self.early_epochs > self.epochs:
             raise ValueError(f"early_epochs ({self.early_epochs}) must be <= epochs ({self.epochs})")
+        for name in self.signals or []:
+            _check_method("SIGNALS", name)
         return self
 
 
@@ -96,9 +103,14 @@ class AnalyzeParams(Section):
     detector: str = "gmm"
     kwargs: dict[str, Any] = {}
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    # "agreement": a sample whose out-of-fold prediction equals its label is clean (p_clean = 1),
+    # the mixture decides the rest; "none": the mixture posterior alone (see dataopt/stages/analyze.py)
+    gate: Literal["agreement", "none"] = "agreement"
 
     @model_validator(mode="after")
     def _detector(self) -> "AnalyzeParams":
+        if "random_state" in self.kwargs:
+            raise ValueError("kwargs.random_state: the detector is seeded from the top-level seed")
         _check_method("DETECTORS", self.detector, self.kwargs)
         return self
 
@@ -112,6 +124,11 @@ class OptimizeParams(Section):
 
     @model_validator(mode="after")
     def _methods(self) -> "OptimizeParams":
+        # ratio and the seed come from optimize.ratio and the top-level seed, never from kwargs
+        for key, kw in (("kwargs", self.kwargs), ("weighting_kwargs", self.weighting_kwargs)):
+            for name, where in (("ratio", "optimize.ratio"), ("random_state", "the top-level seed")):
+                if name in kw:
+                    raise ValueError(f"{key}.{name}: set {where} instead")
         _check_method("SELECTORS", self.method, self.kwargs)
         _check_method("WEIGHTERS", self.weighting, self.weighting_kwargs)
         if self.method == "none" and self.ratio != 1.0:
@@ -141,6 +158,7 @@ class TrainParams(Section):
 class EvaluateParams(Section):
     ece_bins: int = Field(15, ge=2)
     batch_size: int = Field(1024, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class TrackingParams(Section):

@@ -1,1 +1,5 @@
-"""analyze."""
+"""analyze: model what perception measured (loss mixtures -> p_clean, label issues).
+
+Importing this package registers the ``DETECTORS``.
+"""
+from dataopt.analyze import mixture  # noqa: F401  (registers gmm, bmm)

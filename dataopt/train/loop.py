@@ -22,13 +22,14 @@ from tqdm.auto import tqdm
 MEAN, STD = 0.5, 0.25  # images are scaled to [0, 1] then standardised with these
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str = "auto", key: str = "train.device") -> torch.device:
+    """``auto`` -> cuda when torch sees a GPU, else cpu; ``key`` names the param in the error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         from dataopt.errors import ConfigError
 
-        raise ConfigError("train.device is 'cuda' but torch sees no GPU; use 'auto' or 'cpu'")
+        raise ConfigError(f"{key} is 'cuda' but torch sees no GPU; use 'auto' or 'cpu'")
     return torch.device(device)
 
 
@@ -52,14 +53,35 @@ def normalise(batch: torch.Tensor) -> torch.Tensor:
     return batch.float()
 
 
-def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
-    """Batched random translation (reflect padding) and horizontal flip, one draw per sample."""
+def random_crop_flip(
+    x: torch.Tensor,
+    pad: int,
+    flip: bool,
+    gen: torch.Generator,
+    max_shift: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Batched random translation (reflect padding) and horizontal flip, one draw per sample.
+
+    Parameters
+    ----------
+    x : (B, C, H, W) tensor
+    pad : reflect padding on each side; without ``max_shift`` every sample moves by up to ``pad`` px.
+    max_shift : (B,) int64 CPU tensor, optional
+        Per-sample largest translation in px (each ``<= pad``; 0 leaves the sample in place).
+    """
     b, c, h, w = x.shape
     dev = x.device
     if pad:
         padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
-        dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(dev)
-        dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(dev)
+        if max_shift is None:
+            dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(dev)
+            dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(dev)
+        else:
+            # offset uniform in [pad - s, pad + s] for a per-sample s, drawn in one vectorised step
+            s = max_shift.clamp(0, pad).to(torch.int64)
+            span = (2 * s + 1).double()
+            dy = ((torch.rand(b, generator=gen, dtype=torch.float64) * span).long() - s + pad).to(dev)
+            dx = ((torch.rand(b, generator=gen, dtype=torch.float64) * span).long() - s + pad).to(dev)
         rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
         bi = torch.arange(b, device=dev)[:, None, None, None]
@@ -94,6 +116,8 @@ def fit(
     cfg: FitConfig,
     weights: Optional[torch.Tensor] = None,
     on_epoch: Optional[Callable[[int, nn.Module], Optional[dict]]] = None,
+    sampling_weights: Optional[torch.Tensor] = None,
+    augment_magnitudes: Optional[torch.Tensor] = None,
 ) -> list[dict]:
     """Train ``model`` on ``x`` (uint8 images or float features, on the model's device).
 
@@ -104,6 +128,14 @@ def fit(
     weights : (N,) float tensor of per-sample loss weights, or None (all 1). Normalised to mean 1.
     on_epoch : called as ``on_epoch(epoch, model)`` after every epoch (model in eval mode); a dict it
         returns is merged into that epoch's history row.
+    sampling_weights : (N,) non-negative float tensor, or None
+        None (default): every epoch is one shuffled pass over all N samples. Else each epoch draws N
+        samples with replacement, with probability proportional to the weight (``torch.multinomial``
+        on the seeded generator), so steps and samples seen per epoch stay the same.
+    augment_magnitudes : (N,) float tensor in [0, 1], or None (images only)
+        Extra per-sample translation on top of ``cfg.augment``: sample i moves by up to
+        ``ceil(m_i * pad)`` more px (``pad = max(1, W // 8)``); 0 = the ``cfg.augment`` default only.
+        Flips stay governed by ``cfg.augment`` alone (a flip is not label-preserving for every dataset).
 
     Returns
     -------
@@ -114,6 +146,12 @@ def fit(
     gen = torch.Generator().manual_seed(cfg.seed)
     w = torch.ones(n, device=device) if weights is None else weights.to(device).float()
     w = w / w.mean().clamp_min(1e-12)
+    draw_p = None
+    if sampling_weights is not None:
+        draw_p = sampling_weights.detach().cpu().double()
+        if len(draw_p) != n or not bool((draw_p >= 0).all()) or float(draw_p.sum()) <= 0:
+            raise ValueError("sampling_weights must be N non-negative numbers with a positive sum")
+    mags = None if augment_magnitudes is None else augment_magnitudes.detach().cpu().double()
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.SGD(
@@ -133,14 +171,25 @@ def fit(
     bar = tqdm(range(cfg.epochs), desc=cfg.desc, disable=not cfg.progress, leave=False)
     for epoch in bar:
         model.train()
-        perm = torch.randperm(n, generator=gen).to(device)
+        if draw_p is None:
+            order = torch.randperm(n, generator=gen)
+        else:
+            order = torch.multinomial(draw_p, n, replacement=True, generator=gen)
+        perm = order.to(device)
         loss_sum = torch.zeros((), device=device)
         for s in range(steps_per_epoch):
             idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
             xb = x[idx]
-            if is_image and cfg.augment != "none":
+            if is_image and (cfg.augment != "none" or mags is not None):
                 pad = max(1, xb.shape[-1] // 8)
-                xb = random_crop_flip(xb.float(), pad, cfg.augment == "flip_crop", gen)
+                flip = cfg.augment == "flip_crop"
+                if mags is None:
+                    xb = random_crop_flip(xb.float(), pad, flip, gen)
+                else:
+                    base = pad if cfg.augment != "none" else 0
+                    m = mags[order[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
+                    shift = base + torch.ceil(m * pad).long()
+                    xb = random_crop_flip(xb.float(), base + pad, flip, gen, max_shift=shift)
                 xb = ((xb / 255.0) - MEAN) / STD
             else:
                 xb = normalise(xb)

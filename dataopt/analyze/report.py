@@ -1,0 +1,142 @@
+"""Summaries and plots of a label-issue analysis: per class, against ground truth, loss histogram."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+
+from dataopt.io import atomic_path
+
+
+def per_class(labels: np.ndarray, is_issue: np.ndarray,
+              names: Optional[dict[int, str]] = None) -> dict[str, dict[str, Any]]:
+    """``{label: {n, n_issues, issue_rate[, name]}}`` (keys are str for JSON).
+
+    Parameters
+    ----------
+    labels : (n,) int
+    is_issue : (n,) bool
+    names : optional mapping label -> class name
+    """
+    classes, inverse = np.unique(labels, return_inverse=True)
+    n = np.bincount(inverse, minlength=classes.size)
+    k = np.bincount(inverse, weights=is_issue.astype(np.float64), minlength=classes.size)
+    out: dict[str, dict[str, Any]] = {}
+    for c, nc, kc in zip(classes.tolist(), n.tolist(), k.astype(int).tolist()):  # one per class
+        out[str(c)] = {"n": nc, "n_issues": kc, "issue_rate": kc / nc}
+        if names and c in names:
+            out[str(c)]["name"] = names[c]
+    return out
+
+
+def detection_quality(is_noisy: np.ndarray, is_issue: np.ndarray, score: np.ndarray,
+                      estimated_noise_rate: float) -> dict[str, float]:
+    """Flags and scores against the truth ``is_noisy = label != label_clean``.
+
+    Parameters
+    ----------
+    is_noisy : (n,) bool
+        Ground truth.
+    is_issue : (n,) bool
+        The detector's flags.
+    score : (n,) float
+        Higher = more likely mislabeled (for AUROC).
+    estimated_noise_rate : float
+
+    Returns
+    -------
+    dict with true_noise_rate, precision, recall, f1, noise_rate_error, and auroc when both
+    clean and noisy samples exist (it is undefined otherwise).
+    """
+    true_rate = float(np.mean(is_noisy))
+    out = {
+        "true_noise_rate": true_rate,
+        "precision": float(precision_score(is_noisy, is_issue, zero_division=0)),
+        "recall": float(recall_score(is_noisy, is_issue, zero_division=0)),
+        "f1": float(f1_score(is_noisy, is_issue, zero_division=0)),
+        "noise_rate_error": abs(estimated_noise_rate - true_rate),
+    }
+    if 0 < is_noisy.sum() < is_noisy.size:
+        out["auroc"] = float(roc_auc_score(is_noisy, score))
+    return out
+
+
+def loss_histogram(detector: Any, is_issue: np.ndarray, bins: int = 40) -> list[dict[str, float]]:
+    """Rows for a DVC plot: per bin of normalised loss, counts flagged / not and component densities.
+
+    Returns
+    -------
+    list of dict with keys bin (centre), count, count_clean, count_flagged, density (of all samples),
+    density_clean, density_noisy (fitted weighted component densities at the bin centre).
+    """
+    x = detector.normalised_
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    count = np.histogram(x, edges)[0]
+    flagged = np.histogram(x[is_issue], edges)[0]
+    density = count / (x.size * (edges[1] - edges[0]))
+    comp = detector.component_density(centres)
+    cols = {
+        "bin": centres, "count": count, "count_clean": count - flagged, "count_flagged": flagged,
+        "density": density, "density_clean": comp[:, 0], "density_noisy": comp[:, 1],
+    }
+    return [dict(zip(cols, row)) for row in zip(*(np.round(v, 6).tolist() for v in cols.values()))]
+
+
+def _save(fig: Any, path: Path) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+
+
+def plot_loss_mixture(rows: list[dict[str, float]], detector: Any, detector_name: str,
+                      threshold_loss: float, path: Path) -> None:
+    """Histogram of normalised loss (flagged stacked on clean) with the fitted component densities.
+
+    ``rows`` come from :func:`loss_histogram`; ``detector`` is the fitted mixture (its densities are
+    drawn on a fine grid).
+    """
+    # Figure (not pyplot): renders with the Agg canvas without touching global matplotlib state.
+    from matplotlib.figure import Figure
+
+    centres = np.array([r["bin"] for r in rows])
+    width = centres[1] - centres[0] if centres.size > 1 else 1.0
+    n = sum(r["count"] for r in rows)
+    scale = 1.0 / (n * width)  # counts -> density, so bars and fitted curves share the y axis
+    clean = np.array([r["count_clean"] for r in rows]) * scale
+    flagged = np.array([r["count_flagged"] for r in rows]) * scale
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    ax.bar(centres, clean, width=width, color="#8fb3d9", label="not flagged")
+    ax.bar(centres, flagged, width=width, bottom=clean, color="#e8a07e", label="flagged")
+    grid = np.linspace(0.0, 1.0, 400)
+    dens = detector.component_density(grid)
+    ax.plot(grid, dens[:, 0], color="#1f4e8c", label="clean component")
+    ax.plot(grid, dens[:, 1], color="#b2401c", label="noisy component")
+    if np.isfinite(threshold_loss):
+        ax.axvline(threshold_loss, color="k", linestyle="--", linewidth=1, label="threshold")
+    ax.set_xlim(0.0, 1.0)
+    # a Beta density can be unbounded at 0 or 1; scale the y axis to the histogram, not the spike
+    ax.set_ylim(0.0, 1.2 * max(float((clean + flagged).max()), float(np.quantile(dens, 0.9))))
+    ax.set_xlabel("normalised early-epoch loss")
+    ax.set_ylabel("density")
+    ax.set_title(f"{detector_name}: loss mixture")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_class_issues(summary: dict[str, dict[str, Any]], path: Path) -> None:
+    """Bar chart of the per-class issue rate."""
+    from matplotlib.figure import Figure
+
+    labels = [v.get("name", k) for k, v in summary.items()]
+    rates = [v["issue_rate"] for v in summary.values()]
+    fig = Figure(figsize=(max(5, 0.5 * len(labels) + 2), 4))
+    ax = fig.add_subplot()
+    ax.bar(range(len(labels)), rates, color="#e8a07e")
+    ax.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 6 else 0, ha="right")
+    ax.set_ylabel("share flagged as label issue")
+    ax.set_ylim(0, max(rates + [0.05]) * 1.15)
+    ax.set_title("label issues per class")
+    _save(fig, path)

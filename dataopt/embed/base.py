@@ -1,0 +1,103 @@
+"""What every embedder shares: the fit/transform contract, row normalisation and the finiteness check.
+
+An embedder maps uint8 images ``(N, H, W, 3)`` to float32 features ``(N, d)`` whose rows have unit L2
+norm. ``fit`` sees the train split only (so that test rows never shape the representation);
+``transform`` embeds any rows, block by block so that memory stays bounded. A new backend (OpenCLIP,
+an out-of-fold proxy) subclasses :class:`Embedder`, registers itself in ``EMBEDDERS`` and records what
+a user must know about its features in ``info_`` (copied into ``embed/meta.json``).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from dataopt.errors import ConfigError, DataError
+
+
+def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows of ``x`` scaled to unit L2 norm (an all-zero row stays zero).
+
+    Parameters
+    ----------
+    x : (N, d) float array
+
+    Returns
+    -------
+    (N, d) array of the same dtype.
+    """
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, eps).astype(x.dtype)
+
+
+def describe_ids(ids: np.ndarray, limit: int = 10) -> str:
+    """``"3, 17, 42 (and 5 more)"``: a short, readable list of sample ids for an error message."""
+    shown = ", ".join(str(int(i)) for i in ids[:limit])
+    return shown + (f" (and {len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def check_finite(x: np.ndarray, sample_ids: np.ndarray, what: str = "embeddings") -> None:
+    """Raise :class:`DataError` naming the sample ids whose row of ``x`` holds NaN or inf.
+
+    Parameters
+    ----------
+    x : (N, d) array
+    sample_ids : (N,) int64 array, ``sample_ids[i]`` names row i.
+    """
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        ids = np.asarray(sample_ids)[bad]
+        raise DataError(
+            f"{what}: {len(ids)} row(s) are not finite (NaN or inf); sample_id {describe_ids(ids)}"
+        )
+
+
+def torch_device(device: str, key: str = "embed.device") -> torch.device:
+    """``"auto" | "cpu" | "cuda"`` -> a torch device; ``"cuda"`` without a GPU is a ConfigError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key} is 'cuda' but torch sees no GPU; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+class Embedder:
+    """Base of the ``EMBEDDERS`` backends (scikit-learn style).
+
+    Subclasses store keyword hyper-parameters in ``__init__`` and implement ``fit`` and ``_embed``.
+    Fitted state: ``dim_`` (feature dimension), ``device_`` (where it ran), ``info_`` (facts for
+    ``meta.json``, e.g. which rows the representation was trained on).
+    """
+
+    requires: tuple[str, ...] = ("images",)
+    transform_batch_size: int = 512
+
+    def fit(
+        self, images: np.ndarray, labels: Optional[np.ndarray] = None, n_classes: Optional[int] = None
+    ) -> "Embedder":
+        """Fit on the train rows ``images`` ``(n, H, W, 3)`` uint8 with ``labels`` ``(n,)``."""
+        raise NotImplementedError
+
+    def _embed(self, block: np.ndarray) -> np.ndarray:
+        """``(b, H, W, 3)`` uint8 -> ``(b, d)`` float32 raw features."""
+        raise NotImplementedError
+
+    def transform(self, images: np.ndarray) -> np.ndarray:
+        """Embed ``images`` ``(N, H, W, 3)`` uint8 (may be memory-mapped) in blocks.
+
+        Returns
+        -------
+        (N, dim_) float32 array with L2-normalised rows.
+        """
+        n = len(images)
+        out = np.empty((n, self.dim_), dtype=np.float32)
+        step = max(1, int(self.transform_batch_size))
+        for s in range(0, n, step):
+            # np.array copies the (possibly read-only memory-mapped) block: torch needs it writable
+            out[s : s + step] = self._embed(np.array(images[s : s + step]))
+        return l2_normalise(out)
+
+    def info(self) -> dict[str, Any]:
+        """Facts about the fitted features for ``meta.json``."""
+        return dict(getattr(self, "info_", {}))

@@ -1,0 +1,226 @@
+"""Out-of-fold training dynamics: per-epoch loss, probability, margin and correctness of every train row,
+each scored by a model that never trained on it.
+
+Stratified K-fold over the train rows; for every fold a fresh model trains on the other folds with
+:func:`dataopt.train.loop.fit`, and its ``on_epoch`` callback scores the held-out fold after every epoch
+(survey 000 §V-A "dynamic" perception: loss, margin and forgetting per epoch).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import StratifiedKFold
+
+from dataopt.embed.base import torch_device
+from dataopt.errors import ConfigError, DataError
+from dataopt.io import save_npz
+from dataopt.train.loop import FitConfig, fit, images_to_tensor, predict_logits, seeded
+from dataopt.train.nets import Head, SmallCNN
+
+
+@dataclass
+class Dynamics:
+    """Out-of-fold training dynamics of ``n`` train rows over ``E`` completed epochs.
+
+    Attributes
+    ----------
+    sample_id : (n,) int64
+    fold : (n,) int64, the fold in which the row was held out
+    loss : (E, n) float32, cross-entropy of the given label
+    p_label : (E, n) float32, probability of the given label
+    margin : (E, n) float32, ``p_label`` minus the largest other class probability
+    correct : (E, n) bool, argmax equals the given label
+    probs : (n, C) float32, probabilities at the last completed epoch
+    epochs_completed : int, E (the minimum over folds)
+    epochs_per_fold : (folds,) int64, epochs each fold completed before its time budget ran out
+    """
+
+    sample_id: np.ndarray
+    fold: np.ndarray
+    loss: np.ndarray
+    p_label: np.ndarray
+    margin: np.ndarray
+    correct: np.ndarray
+    probs: np.ndarray
+    epochs_completed: int
+    epochs_per_fold: np.ndarray
+
+    def save(self, path: str | Path) -> None:
+        save_npz(path, **{f.name: np.asarray(getattr(self, f.name)) for f in fields(self)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Dynamics":
+        with np.load(path, allow_pickle=False) as z:
+            kw = {f.name: z[f.name] for f in fields(cls)}
+        kw["epochs_completed"] = int(kw["epochs_completed"])
+        return cls(**kw)
+
+
+def fold_seed(seed: int, fold: int) -> int:
+    """An independent seed per (seed, fold) pair (``seed + fold`` would collide across seeds)."""
+    return int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])
+
+
+class OOFDynamics:
+    """Record out-of-fold training dynamics with a ``head`` (on embeddings) or ``cnn`` (on images).
+
+    Parameters
+    ----------
+    model : "head" | "cnn"
+    hidden : int
+        Head only: width of one hidden layer (0 = linear).
+    width : int
+        CNN only: SmallCNN width.
+    folds, epochs, batch_size, lr, weight_decay : the K-fold training runs.
+    max_seconds : float or None
+        Budget per fold; a fold stops after the epoch that crosses it. Only the epochs every fold
+        completed are kept, so all rows are scored at the same epochs.
+    device : "auto" | "cpu" | "cuda"
+    random_state : int
+        Seeds the folds, every model initialisation and every shuffle.
+    """
+
+    requires = ("features", "labels")
+
+    def __init__(
+        self,
+        model: str = "head",
+        hidden: int = 0,
+        width: int = 16,
+        folds: int = 4,
+        epochs: int = 12,
+        batch_size: int = 128,
+        lr: float = 0.05,
+        weight_decay: float = 5e-4,
+        max_seconds: Optional[float] = None,
+        device: str = "auto",
+        random_state: int = 0,
+    ):
+        self.model = model
+        self.hidden = hidden
+        self.width = width
+        self.folds = folds
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.max_seconds = max_seconds
+        self.device = device
+        self.random_state = random_state
+
+    def _inputs(self, x: np.ndarray, dev: torch.device) -> torch.Tensor:
+        if self.model == "head":
+            if x.ndim != 2:
+                raise DataError(f"perceive model 'head' needs (n, d) embeddings, got shape {x.shape}")
+            return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
+        if self.model == "cnn":
+            if x.ndim != 4 or x.dtype != np.uint8:
+                raise DataError(
+                    f"perceive model 'cnn' needs uint8 (n, H, W, 3) images, got {x.dtype} {x.shape}"
+                )
+            return images_to_tensor(np.array(x), dev)
+        raise ConfigError(f"unknown perceive model {self.model!r}; valid: head, cnn")
+
+    def _build(self, x: torch.Tensor, n_classes: int, seed: int) -> torch.nn.Module:
+        with seeded(seed):
+            if self.model == "head":
+                return Head(x.shape[1], n_classes, hidden=int(self.hidden))
+            return SmallCNN(n_classes, in_channels=x.shape[1], width=int(self.width),
+                            image_size=min(x.shape[2], x.shape[3]))
+
+    def fit(self, features: np.ndarray, labels: np.ndarray, n_classes: int,
+            sample_id: Optional[np.ndarray] = None) -> "OOFDynamics":
+        """Train ``folds`` models and score every row out of fold after every epoch.
+
+        Parameters
+        ----------
+        features : (n, d) float embeddings (model "head") or (n, H, W, 3) uint8 images (model "cnn")
+        labels : (n,) int64 given labels in ``[0, n_classes)``
+        n_classes : int
+        sample_id : (n,) int64, stored in ``dynamics_`` (default ``arange(n)``)
+
+        Sets ``dynamics_`` (:class:`Dynamics`) and ``history_`` (per fold, per epoch rows of ``fit``).
+        """
+        labels = np.asarray(labels, dtype=np.int64)
+        n = len(labels)
+        if n < self.folds:
+            raise DataError(f"perceive needs at least folds={self.folds} train rows; got {n}")
+        dev = torch_device(self.device, key="perceive.device")
+        self.device_ = str(dev)
+        x = self._inputs(features, dev)
+        y = torch.from_numpy(labels).to(dev)
+        E, C = int(self.epochs), int(n_classes)
+        loss = np.zeros((E, n), np.float32)
+        p_label = np.zeros((E, n), np.float32)
+        margin = np.zeros((E, n), np.float32)
+        correct = np.zeros((E, n), bool)
+        # without a time budget every fold completes E epochs and only the last epoch's probabilities
+        # are needed; with one, the kept epoch is known only after the last fold, so keep them all
+        keep_all = self.max_seconds is not None
+        probs_at: dict[int, np.ndarray] = {}
+        fold = np.zeros(n, np.int64)
+        epochs_done = []
+        self.history_ = []
+
+        skf = StratifiedKFold(n_splits=int(self.folds), shuffle=True, random_state=self.random_state)
+        with warnings.catch_warnings():
+            # a class with fewer rows than folds is legal (e.g. a rare noisy label); sklearn warns
+            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+            splits = list(skf.split(np.zeros(n), labels))
+        for f, (tr, te) in enumerate(splits):
+            fold[te] = f
+            tr_t, te_t = torch.from_numpy(tr).to(dev), torch.from_numpy(te).to(dev)
+            x_tr, x_te = x[tr_t], x[te_t]
+            if self.model == "head":
+                # centre, and scale by ONE factor so the mean per-coordinate variance is 1 (training
+                # folds' statistics): unit-norm embeddings are too small for SGD at usual learning
+                # rates, and a per-coordinate scale would blow up the embedding's noisy directions
+                mu = x_tr.mean(0)
+                scale = (x_tr - mu).pow(2).mean().sqrt().clamp_min(1e-6)
+                x_tr, x_te = (x_tr - mu) / scale, (x_te - mu) / scale
+            y_te = y[te_t]
+            rows = torch.arange(len(te), device=dev)
+
+            def on_epoch(epoch: int, model: torch.nn.Module, te=te, x_te=x_te, y_te=y_te, rows=rows) -> dict:
+                logits = predict_logits(model, x_te)
+                logp = F.log_softmax(logits.float(), dim=1)
+                p = logp.exp()
+                p_y = p[rows, y_te]
+                other = p.clone()
+                other[rows, y_te] = -1.0
+                ok = p.argmax(1) == y_te
+                e = epoch - 1
+                loss[e, te] = (-logp[rows, y_te]).cpu().numpy()
+                p_label[e, te] = p_y.cpu().numpy()
+                margin[e, te] = (p_y - other.max(1).values).cpu().numpy()
+                correct[e, te] = ok.cpu().numpy()
+                if keep_all or epoch == E:
+                    probs_at.setdefault(e, np.zeros((n, C), np.float32))[te] = p.cpu().numpy()
+                return {"oof_accuracy": float(ok.float().mean())}
+
+            seed = fold_seed(self.random_state, f)
+            model = self._build(x, C, seed).to(dev)
+            cfg = FitConfig(epochs=E, batch_size=int(self.batch_size), lr=float(self.lr),
+                            weight_decay=float(self.weight_decay), seed=seed,
+                            max_seconds=self.max_seconds, progress=False,
+                            desc=f"perceive fold {f + 1}/{self.folds}")
+            history = fit(model, x_tr, y[tr_t], cfg, on_epoch=on_epoch)
+            self.history_.append(history)
+            epochs_done.append(len(history))
+
+        e_done = min(epochs_done)
+        self.dynamics_ = Dynamics(
+            sample_id=np.arange(n, dtype=np.int64) if sample_id is None else np.asarray(sample_id, np.int64),
+            fold=fold,
+            loss=loss[:e_done], p_label=p_label[:e_done], margin=margin[:e_done], correct=correct[:e_done],
+            probs=probs_at[e_done - 1],
+            epochs_completed=e_done,
+            epochs_per_fold=np.asarray(epochs_done, np.int64),
+        )
+        return self

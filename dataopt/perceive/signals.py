@@ -1,0 +1,291 @@
+"""Per-sample signals (the ``SIGNALS`` registry): one column of ``signals.parquet`` each.
+
+A signal is a small class in the scikit-learn manner: ``__init__`` stores keyword hyper-parameters,
+``fit(inputs)`` computes ``values_`` ``(n,)`` from the :class:`SignalInputs` it ``requires``. Class
+attributes describe it for the catalogue (survey 000 §V-A taxonomy): ``granularity`` (sample), ``type``
+(difficulty, cleanliness, uncertainty, diversity, distribution, ...), ``direction`` (what a larger value
+means), ``dtype`` (float64 | int64 | bool) and ``description``. Every dynamics-based value is out of fold.
+To add a signal: subclass :class:`Signal`, implement ``compute``, register it; the perceive stage picks
+it up (``perceive.signals: null`` computes every registered signal).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from dataopt.embed.base import describe_ids
+from dataopt.errors import DataError
+from dataopt.perceive.dynamics import Dynamics
+from dataopt.registry import SIGNALS
+
+
+@dataclass
+class SignalInputs:
+    """Everything a signal may read, all over the ``n`` train rows in samples order.
+
+    Attributes
+    ----------
+    labels : (n,) int64 given labels
+    dynamics : :class:`Dynamics` (out-of-fold, ``E`` epochs)
+    embeddings : (n, d) float32 train-row embeddings
+    knn_indices : (n, k) int64 positions into the train rows, self excluded
+    knn_distances : (n, k) float32 Euclidean distances, ascending
+    """
+
+    labels: np.ndarray
+    dynamics: Optional[Dynamics] = None
+    embeddings: Optional[np.ndarray] = None
+    knn_indices: Optional[np.ndarray] = None
+    knn_distances: Optional[np.ndarray] = None
+
+
+class Signal:
+    """Base of every registered signal."""
+
+    requires: tuple[str, ...] = ()
+    granularity = "sample"
+    type = ""
+    direction = ""
+    dtype = "float64"
+    description = ""
+
+    def fit(self, inputs: SignalInputs) -> "Signal":
+        for name in self.requires:
+            if getattr(inputs, name) is None:
+                who = getattr(self, "registered_name", type(self).__name__)
+                raise DataError(f"signal {who!r} needs {name!r}, which was not provided")
+        self.values_ = np.asarray(self.compute(inputs)).astype(self.dtype)
+        return self
+
+    def compute(self, inputs: SignalInputs) -> np.ndarray:
+        """``(n,)`` values; implemented by each signal."""
+        raise NotImplementedError
+
+    @classmethod
+    def card(cls) -> dict[str, str]:
+        """The catalogue entry: granularity, type, direction, dtype, description."""
+        return {"granularity": cls.granularity, "type": cls.type, "direction": cls.direction,
+                "dtype": cls.dtype, "description": cls.description}
+
+
+def _early(d: Dynamics, early_epochs: int) -> np.ndarray:
+    return d.loss[: max(1, min(int(early_epochs), d.epochs_completed))].astype(np.float64)
+
+
+@SIGNALS.register("loss_early")
+class LossEarly(Signal):
+    """Mean out-of-fold loss over the first epochs, before a network memorises noisy labels
+    (survey 000 §V-B: the loss statistic fed to a two-component mixture)."""
+
+    requires = ("dynamics",)
+    type = "cleanliness"
+    direction = "higher = more likely mislabeled or hard"
+    description = "mean out-of-fold cross-entropy of the given label over the first early_epochs epochs"
+
+    def __init__(self, early_epochs: int = 3):
+        self.early_epochs = early_epochs
+
+    def compute(self, inputs: SignalInputs) -> np.ndarray:
+        return _early(inputs.dynamics, self.early_epochs).mean(0)
+
+
+@SIGNALS.register("loss_early_var")
+class LossEarlyVar(Signal):
+    requires = ("dynamics",)
+    type = "uncertainty"
+    direction = "higher = less stable early predictions"
+    description = "variance (ddof=0) of the out-of-fold loss over the first early_epochs epochs"
+
+    def __init__(self, early_epochs: int = 3):
+        self.early_epochs = early_epochs
+
+    def compute(self, inputs: SignalInputs) -> np.ndarray:
+        return _early(inputs.dynamics, self.early_epochs).var(0)
+
+
+@SIGNALS.register("loss_last")
+class LossLast(Signal):
+    requires = ("dynamics",)
+    type = "difficulty"
+    direction = "higher = harder or more likely mislabeled"
+    description = "out-of-fold cross-entropy of the given label at the last completed epoch"
+
+    def compute(self, inputs: SignalInputs) -> np.ndarray:
+        return inputs.dynamics.loss[-1]
+
+
+@SIGNALS.register("margin_last")
+class MarginLast(Signal):
+    requires = ("dynamics",)
+    type = "cleanliness"
+    direction = "lower = more likely mislabeled (negative: another class is preferred)"
+    description = ("p(given label) minus the largest other class probability, out of fold, "
+                   "at the last completed epoch; in [-1, 1]")
+
+    def compute(self, inputs: SignalInputs) -> np.ndarray:
+        return inputs.dynamics.margin[-1]
+
+
+@SIGNALS.register("margin_mean")
+class MarginMean(Signal):
+    """Area under the margin (Pleiss et al. 2020, cited by paper 002 §2), with probability margins."""
+
+    requires = ("dynamics",)
+    type = "cleanliness"
+    direction = "lower = more likely mislabeled"
+    description = "mean over completed epochs of the out-of-fold probability margin (AUM-style)"
+
+    def compute(self, inputs: SignalInputs) -> np.ndarray:
+        return inputs.dynamics.margin.astype(np.float64).mean(0)
+
+
+@SIGNALS.register("confidence")
+class Confidence(Signal):
+    requires = ("dynamics",)
+    type = "uncertainty"
+    direction = "lower = less confident in the given label"
+    description = "out-of-fold probability of the given label at the last completed epoch"
+
+    def compute(self, inputs: SignalInputs) -> np.ndarray:
+        return inputs.dynamics.p_label[-1]
+
+
+@SIGNALS.register("entropy")
+class Entropy(Signal):
+    requires = ("dynamics",)
+    type = "uncertainty"
+    direction = "higher = more uncertain prediction"
+    description = "entropy (nats) of the final out-of-fold probability vector"
+
+    def compute(self, inputs: SignalInputs) -> np.ndarray:
+        p = inputs.dynamics.probs.astype(np.float64)
+        return -(p * np.log(np.clip(p, 1e-12, None))).sum(1)
+
+
+@SIGNALS.register("forgetting")
+class Forgetting(Signal):
+    """Forgetting events (Toneva et al. 2019, cited by paper 002 §1), counted on held-out predictions."""
+
+    requires = ("dynamics",)
+    type = "difficulty"
+    direction = "higher = less stable (harder or ambiguous)"
+    dtype = "int64"
+    description = "number of correct -> incorrect transitions of the out-of-fold prediction across epochs"
+
+    def compute(self, inputs: SignalInputs) -> np.ndarray:
+        c = inputs.dynamics.correct
+        return (c[:-1] & ~c[1:]).sum(0)
+
+
+@SIGNALS.register("el2n")
+class EL2N(Signal):
+    """EL2N score (Paul et al. 2021, cited by paper 002 appendix A): norm of the error vector."""
+
+    requires = ("dynamics", "labels")
+    type = "difficulty"
+    direction = "higher = harder or more likely mislabeled"
+    description = "L2 norm of (final out-of-fold probabilities - one-hot given label); in [0, sqrt(2)]"
+
+    def compute(self, inputs: SignalInputs) -> np.ndarray:
+        err = inputs.dynamics.probs.astype(np.float64)
+        err[np.arange(len(err)), inputs.labels] -= 1.0
+        return np.linalg.norm(err, axis=1)
+
+
+@SIGNALS.register("correct_last")
+class CorrectLast(Signal):
+    requires = ("dynamics",)
+    type = "cleanliness"
+    direction = "False = the out-of-fold model disagrees with the given label"
+    dtype = "bool"
+    description = "out-of-fold argmax equals the given label at the last completed epoch"
+
+    def compute(self, inputs: SignalInputs) -> np.ndarray:
+        return inputs.dynamics.correct[-1]
+
+
+@SIGNALS.register("pred_label")
+class PredLabel(Signal):
+    requires = ("dynamics",)
+    type = "consistency"
+    direction = "none (a label: compare with the given one)"
+    dtype = "int64"
+    description = "argmax of the final out-of-fold probabilities (a candidate relabel)"
+
+    def compute(self, inputs: SignalInputs) -> np.ndarray:
+        return inputs.dynamics.probs.argmax(1)
+
+
+@SIGNALS.register("knn_density")
+class KnnDensity(Signal):
+    """Local density rho_i = (1/k) sum_j ||x_i - x_j|| over the k nearest neighbours
+    (paper 004 / 001 part five: larger = sparser, i.e. under-represented)."""
+
+    requires = ("knn_distances",)
+    type = "distribution"
+    direction = "higher = sparser region (under-represented or outlying)"
+    description = "mean Euclidean embedding distance to the k nearest train neighbours (rho)"
+
+    def compute(self, inputs: SignalInputs) -> np.ndarray:
+        return inputs.knn_distances.astype(np.float64).mean(1)
+
+
+@SIGNALS.register("knn_label_agreement")
+class KnnLabelAgreement(Signal):
+    requires = ("knn_indices", "labels")
+    type = "consistency"
+    direction = "lower = label disagrees with the neighbourhood (possible label noise)"
+    description = "share of the k nearest train neighbours that carry the same given label"
+
+    def compute(self, inputs: SignalInputs) -> np.ndarray:
+        y = inputs.labels
+        return (y[inputs.knn_indices] == y[:, None]).mean(1)
+
+
+@SIGNALS.register("class_center_distance")
+class ClassCenterDistance(Signal):
+    """Paper 002 (Moderate coreset) §3: d(s) = ||z - c_y||_2 with c_y the mean representation of the
+    samples labelled y."""
+
+    requires = ("embeddings", "labels")
+    type = "distribution"
+    direction = "higher = farther from its class (atypical, or mislabeled)"
+    description = "Euclidean distance of the embedding to the mean embedding of its given class (train rows)"
+
+    def compute(self, inputs: SignalInputs) -> np.ndarray:
+        z = inputs.embeddings.astype(np.float64)
+        y = inputs.labels
+        n_classes = int(y.max()) + 1
+        centers = np.zeros((n_classes, z.shape[1]))
+        np.add.at(centers, y, z)
+        centers /= np.maximum(np.bincount(y, minlength=n_classes), 1)[:, None]
+        return np.linalg.norm(z - centers[y], axis=1)
+
+
+def compute_signals(
+    inputs: SignalInputs, names: Optional[list[str]] = None, sample_id: Optional[np.ndarray] = None,
+    **extra: Any,
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, str]]]:
+    """Fit the signals ``names`` (default: every registered one) on ``inputs``.
+
+    Parameters
+    ----------
+    extra : trusted hyper-parameters offered to every signal that accepts them (e.g. early_epochs).
+    sample_id : (n,) ids named in the error when a signal yields NaN or inf.
+
+    Returns
+    -------
+    values : name -> (n,) array of the signal's dtype
+    catalogue : name -> card (granularity, type, direction, dtype, description)
+    """
+    values, catalogue = {}, {}
+    for name in names if names is not None else SIGNALS.names():
+        sig = SIGNALS.build(name, None, **extra).fit(inputs)
+        v = sig.values_
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            ids = (np.arange(len(v)) if sample_id is None else np.asarray(sample_id))[~np.isfinite(v)]
+            raise DataError(f"signal {name!r} is not finite for sample_id {describe_ids(ids)}")
+        values[name], catalogue[name] = v, sig.card()
+    return values, catalogue

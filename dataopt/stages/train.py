@@ -1,0 +1,57 @@
+"""train stage: the model trained on what the optimisation plan keeps, weights and relabels.
+
+Writes ``artifacts/train/model/{model.safetensors,config.json}`` and ``artifacts/train/history.json``
+(one row per epoch: epoch, loss, samples_seen, steps, seconds, lr).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from dataopt.config import Params
+from dataopt.errors import DataError
+from dataopt.io import load_npy, write_json
+from dataopt.paths import Paths
+from dataopt.schema import require
+from dataopt.train import loop
+from dataopt.train.checkpoint import save_model
+from dataopt.train.trainer import train_model, train_set_from_plan
+
+INPUTS = ("ingest/samples.parquet", "ingest/images.npy", "optimize/plan.parquet")
+OUTPUTS = ("train/model", "train/history.json")
+PARAMS = ("seed", "train")
+
+
+def run(params: Params, paths: Paths) -> dict[str, Any]:
+    art = paths.artifacts
+    samples_path = require(art / "ingest" / "samples.parquet", "ingest")
+    images_path = require(art / "ingest" / "images.npy", "ingest")
+    plan_path = require(art / "optimize" / "plan.parquet", "optimize")
+    samples = pd.read_parquet(samples_path, columns=["sample_id", "split", "label", "label_name"])
+    images = load_npy(images_path)
+    if len(images) != len(samples):
+        raise DataError(f"{images_path}: {len(images)} rows but samples.parquet has {len(samples)}")
+    ts = train_set_from_plan(samples, pd.read_parquet(plan_path), plan_path)
+
+    tp = params.train
+    device = loop.resolve_device(tp.device)
+    model, history, config = train_model(images, ts, tp, params.seed, device)
+
+    out = paths.stage("train")
+    save_model(out / "model", model, config)
+    write_json(out / "history.json", history)
+    last = history[-1]
+    return {
+        "epochs": len(history),
+        "samples_seen": last["samples_seen"],
+        "steps": last["steps"],
+        "train_seconds": last["seconds"],
+        "final_loss": last["loss"],
+        "n_train_kept": ts.n_kept,
+        "n_train_total": ts.n_total,
+        "n_classes": ts.n_classes,
+        "n_augmented": 0 if ts.augment_magnitudes is None else int((ts.augment_magnitudes > 0).sum()),
+        "sampling": "uniform" if ts.sampling_weights is None else "weighted",
+        "device": device.type,
+    }

@@ -1,0 +1,204 @@
+"""The train stage's logic: turn samples + an optimisation plan into a trained model.
+
+The plan (``optimize/plan.parquet``) decides, per training sample, whether it is trained on (``keep``),
+with which label (``new_label``), which loss weight (``weight``), how often it is drawn
+(``sampling_weight``, a weighted sampler with replacement) and how strongly it is augmented
+(``augment_magnitude``: extra random translation on top of ``train.augment``, see
+:func:`dataopt.train.loop.fit`). Dynamic, per-epoch selection (issue 6) plugs in at
+:func:`train_model`, which owns the call to the shared loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from dataopt.errors import DataError
+from dataopt.registry import MODELS, hyperparameters
+from dataopt.schema import PLAN_COLUMNS, TRAIN
+from dataopt.train import loop
+
+
+@dataclass
+class TrainSet:
+    """What the plan asks to train on, as arrays over the kept training rows.
+
+    Attributes
+    ----------
+    rows : (n_kept,) int64 row positions in ``samples.parquet`` / ``images.npy``
+    labels : (n_kept,) int64 labels trained on (the plan's ``new_label``)
+    weights : (n_kept,) float64 loss weights, or None when all are 1
+    sampling_weights : (n_kept,) float64 draw weights, or None when all are 1 (plain shuffling)
+    augment_magnitudes : (n_kept,) float64 in [0, 1], or None when all are 0
+    n_total : number of training rows before the plan's ``keep``
+    class_names : names indexed by label
+    """
+
+    rows: np.ndarray
+    labels: np.ndarray
+    weights: Optional[np.ndarray]
+    sampling_weights: Optional[np.ndarray]
+    augment_magnitudes: Optional[np.ndarray]
+    n_total: int
+    class_names: list[str]
+
+    @property
+    def n_kept(self) -> int:
+        return len(self.rows)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+
+def class_names(samples: pd.DataFrame, n_classes: int = 0) -> list[str]:
+    """Names indexed by label, from the (label, label_name) pairs of ``samples`` (both splits).
+
+    A label with no sample (or no name) is named by its number; the list covers at least
+    ``max(label) + 1`` and ``n_classes`` entries.
+    """
+    labels = samples["label"].to_numpy(dtype=np.int64)
+    n = max(int(labels.max()) + 1 if len(labels) else 0, n_classes)
+    names = [str(i) for i in range(n)]
+    if "label_name" in samples:
+        pairs = samples[["label", "label_name"]].dropna().drop_duplicates("label")
+        for lab, name in zip(pairs["label"].to_numpy(np.int64), pairs["label_name"].astype(str)):
+            names[int(lab)] = name
+    return names
+
+
+def _finite_in(values: np.ndarray, lo: float, hi: float) -> bool:
+    return bool(np.isfinite(values).all() and (values >= lo).all() and (values <= hi).all())
+
+
+def train_set_from_plan(samples: pd.DataFrame, plan: pd.DataFrame, plan_path: Path | str) -> TrainSet:
+    """Check ``plan`` against the training rows of ``samples`` and collect what is trained on.
+
+    Parameters
+    ----------
+    samples : the samples table (both splits; columns of ``dataopt.schema.SAMPLES_COLUMNS``)
+    plan : the plan table (``dataopt.schema.PLAN_COLUMNS``), one row per training sample in
+        samples order
+    plan_path : named in error messages
+
+    Raises
+    ------
+    DataError
+        Missing columns, rows not matching the training samples, values out of range, or a plan
+        that keeps nothing.
+    """
+    missing = [c for c in PLAN_COLUMNS if c not in plan.columns]
+    if missing:
+        raise DataError(f"{plan_path}: missing columns {missing}")
+    train_pos = np.flatnonzero((samples["split"] == TRAIN).to_numpy())
+    if len(train_pos) == 0:
+        raise DataError("samples.parquet has no row with split 'train'")
+    train_ids = samples["sample_id"].to_numpy(np.int64)[train_pos]
+    plan_ids = plan["sample_id"].to_numpy(np.int64)
+    if len(plan_ids) != len(train_ids) or not np.array_equal(plan_ids, train_ids):
+        raise DataError(
+            f"{plan_path}: its {len(plan_ids)} rows do not match the {len(train_ids)} training samples "
+            "of samples.parquet (same sample_id, same order); re-run the 'optimize' stage"
+        )
+    keep = plan["keep"].to_numpy(bool)
+    if not keep.any():
+        raise DataError(f"{plan_path}: the plan keeps no training sample")
+    sel = plan.loc[keep]
+    # copies: arrow-backed columns can be read-only views, which torch.from_numpy warns about
+    labels = sel["new_label"].to_numpy(np.int64, copy=True)
+    weight = sel["weight"].to_numpy(np.float64, copy=True)
+    draw = sel["sampling_weight"].to_numpy(np.float64, copy=True)
+    mag = sel["augment_magnitude"].to_numpy(np.float64, copy=True)
+    if (labels < 0).any():
+        raise DataError(f"{plan_path}: negative new_label {int(labels.min())}")
+    if not _finite_in(weight, 0.0, np.inf) or weight.sum() <= 0:
+        raise DataError(f"{plan_path}: weight must be finite, >= 0 and not all 0 on kept rows")
+    if not _finite_in(draw, 0.0, np.inf) or draw.sum() <= 0:
+        raise DataError(f"{plan_path}: sampling_weight must be finite, >= 0 and not all 0 on kept rows")
+    if not _finite_in(mag, 0.0, 1.0):
+        raise DataError(f"{plan_path}: augment_magnitude must lie in [0, 1]")
+    return TrainSet(
+        rows=train_pos[keep],
+        labels=labels,
+        weights=None if (weight == 1).all() else weight,
+        sampling_weights=None if (draw == 1).all() else draw,
+        augment_magnitudes=None if (mag == 0).all() else mag,
+        n_total=len(train_pos),
+        class_names=class_names(samples, int(labels.max()) + 1),
+    )
+
+
+def build_model(
+    name: str, seed: int, n_classes: int, in_channels: int, width: int, image_size: int
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build registered model ``name`` under ``seed``; return it and the kwargs that rebuild it.
+
+    Only the kwargs the model's ``__init__`` accepts are passed (and returned).
+    """
+    cls = MODELS.get(name)
+    offered = {"n_classes": n_classes, "in_channels": in_channels, "width": width, "image_size": image_size}
+    kwargs = {k: v for k, v in offered.items() if k in hyperparameters(cls)}
+    with loop.seeded(seed):
+        model = cls(**kwargs)
+    return model, kwargs
+
+
+def train_model(
+    images: np.ndarray,
+    ts: TrainSet,
+    tp: Any,
+    seed: int,
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[nn.Module, list[dict], dict[str, Any]]:
+    """Train ``tp.model`` on the kept rows of ``images``.
+
+    Parameters
+    ----------
+    images : (N, H, W, C) uint8, all samples (memory-mapped is fine; only kept rows are read)
+    ts : the plan's training set (:func:`train_set_from_plan`)
+    tp : the ``train`` params section (:class:`dataopt.config.TrainParams`)
+    seed : seeds model initialisation, shuffling, sampling and augmentation
+    device : where the data and the model live
+
+    Returns
+    -------
+    model : in eval mode, on ``device``
+    history : one dict per epoch (:func:`dataopt.train.loop.fit`)
+    config : model config for :func:`dataopt.train.checkpoint.save_model`
+    """
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise DataError(f"images.npy must be uint8 (N, H, W, C); got {images.dtype} {images.shape}")
+    _, h, w, c = images.shape
+    # one fancy-index read of the kept rows, then one copy to the device (uint8; normalised per batch)
+    x = loop.images_to_tensor(images[ts.rows], device)
+    y = torch.from_numpy(ts.labels).to(device)
+    model, kwargs = build_model(tp.model, seed, ts.n_classes, c, tp.width, min(h, w))
+    model.to(device)
+
+    def opt(a: Optional[np.ndarray]) -> Optional[torch.Tensor]:
+        return None if a is None else torch.from_numpy(a)
+
+    cfg = loop.FitConfig(
+        epochs=tp.epochs, batch_size=tp.batch_size, lr=tp.lr, momentum=tp.momentum,
+        weight_decay=tp.weight_decay, label_smoothing=tp.label_smoothing, augment=tp.augment,
+        seed=seed, progress=progress, desc="train",
+    )
+    history = loop.fit(
+        model, x, y, cfg, weights=opt(ts.weights), sampling_weights=opt(ts.sampling_weights),
+        augment_magnitudes=opt(ts.augment_magnitudes),
+    )
+    config = {
+        "model": tp.model,
+        "kwargs": kwargs,
+        "class_names": ts.class_names,
+        "input": {"dtype": "uint8", "layout": "NCHW", "channels": int(c), "height": int(h), "width": int(w)},
+        "normalisation": {"scale": 255.0, "mean": loop.MEAN, "std": loop.STD},
+        "seed": seed,
+    }
+    return model, history, config

@@ -1,0 +1,141 @@
+"""The shared training loop: weighted sampling, per-sample augmentation magnitude, determinism."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dataopt.train import loop
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny networks run faster on one thread, and much faster when the CPU is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Recorder(nn.Module):
+    """A linear classifier that records every training batch it is given."""
+
+    def __init__(self, d: int, k: int):
+        super().__init__()
+        self.fc = nn.Linear(d, k)
+        self.batches: list[torch.Tensor] = []
+
+    def forward(self, x):
+        if self.training:
+            self.batches.append(x.detach().clone())
+        return self.fc(x.flatten(1))
+
+
+def features(n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column 0 holds the sample's index, so a recorded batch tells which samples were drawn."""
+    x = torch.zeros(n, 2)
+    x[:, 0] = torch.arange(n, dtype=torch.float32)
+    return x, torch.arange(n) % 2
+
+
+def drawn(model: Recorder) -> torch.Tensor:
+    return torch.cat([b[:, 0] for b in model.batches]).long()
+
+
+def cfg(**kw) -> loop.FitConfig:
+    base = dict(epochs=3, batch_size=16, lr=0.01, progress=False)
+    base.update(kw)
+    return loop.FitConfig(**base)
+
+
+def test_default_is_one_shuffled_pass_per_epoch():
+    x, y = features()
+    m = Recorder(2, 2)
+    hist = loop.fit(m, x, y, cfg())
+    ids = drawn(m).view(3, -1)
+    for epoch in ids:  # a permutation every epoch
+        assert sorted(epoch.tolist()) == list(range(40))
+    assert [h["samples_seen"] for h in hist] == [40, 80, 120]
+
+
+def test_sampling_weights_draw_with_replacement_in_proportion():
+    x, y = features()
+    w = torch.zeros(40)
+    w[:10] = 1.0
+    w[10:20] = 3.0  # samples 20..39 are never drawn
+    m = Recorder(2, 2)
+    hist = loop.fit(m, x, y, cfg(epochs=50), sampling_weights=w)
+    ids = drawn(m)
+    assert len(ids) == 40 * 50 and hist[-1]["samples_seen"] == 2000 and hist[-1]["steps"] == 150
+    assert (ids < 20).all()
+    counts = torch.bincount(ids, minlength=40).double()
+    share_heavy = counts[10:20].sum() / counts.sum()
+    assert share_heavy == pytest.approx(0.75, abs=0.04)  # 3 / (1 + 3)
+    assert len(torch.unique(drawn(m)[:40])) < 20  # replacement: duplicates within one epoch
+
+
+def test_sampling_is_seeded():
+    x, y = features()
+    w = torch.linspace(0.1, 1.0, 40)
+    runs = []
+    for seed in (0, 0, 1):
+        m = Recorder(2, 2)
+        loop.fit(m, x, y, cfg(seed=seed), sampling_weights=w)
+        runs.append(drawn(m))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("bad", [torch.full((40,), -1.0), torch.zeros(40), torch.ones(39)])
+def test_bad_sampling_weights_raise(bad):
+    x, y = features()
+    with pytest.raises(ValueError, match="sampling_weights"):
+        loop.fit(Recorder(2, 2), x, y, cfg(), sampling_weights=bad)
+
+
+def test_random_crop_flip_per_sample_shift():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(4 * 8 * 8, dtype=torch.float32).view(4, 1, 8, 8).repeat(50, 1, 1, 1)  # 200 images
+    shift = torch.tensor([0, 1, 2, 2]).repeat(50)
+    out = loop.random_crop_flip(x, 2, False, gen, max_shift=shift)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    offsets = []
+    for i in range(len(x)):  # recover each sample's translation (a test, not a hot path)
+        found = [
+            (dy, dx) for dy in range(5) for dx in range(5)
+            if torch.equal(padded[i, :, dy : dy + 8, dx : dx + 8], out[i])
+        ]
+        assert found, i
+        dy, dx = found[0]
+        offsets.append((abs(dy - 2), abs(dx - 2)))
+    offsets = np.array(offsets).reshape(50, 4, 2)
+    assert (offsets[:, 0] == 0).all()  # shift 0: untouched
+    assert offsets[:, 1].max() == 1  # shift 1: at most one px, and it does move
+    assert offsets[:, 2:].max() == 2 and (offsets[:, 2:] == 0).any()  # full range used
+
+
+def test_augment_magnitudes_translate_only_augmented_samples():
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    y = torch.tensor([0, 1])
+    m = Recorder(3 * 8 * 8, 2)
+    loop.fit(m, x, y, cfg(epochs=30, batch_size=2), augment_magnitudes=torch.tensor([0.0, 1.0]))
+    plain = loop.normalise(x)
+    batches = torch.cat(m.batches)  # 30 epochs x 2 samples, normalised inputs
+    is_a = torch.tensor([torch.equal(b, plain[0]) for b in batches])
+    is_b = torch.tensor([torch.equal(b, plain[1]) for b in batches])
+    assert int(is_a.sum()) == 30  # sample 0 (magnitude 0) always arrives unchanged
+    assert int(is_b.sum()) < 20  # sample 1 is translated most of the time ((3x3 - 1) / 9 offsets)
+
+
+def test_default_path_draws_the_same_random_stream_as_before():
+    """Without the new arguments, fit shuffles with randperm and augments with random_crop_flip's
+    randint/rand draws on one seeded generator, in that order (the behaviour before they existed)."""
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    y = torch.randint(0, 2, (16,))
+    m = Recorder(3 * 8 * 8, 2)
+    loop.fit(m, x, y, cfg(augment="flip_crop", epochs=1, batch_size=16, seed=5))
+    gen = torch.Generator().manual_seed(5)
+    perm = torch.randperm(16, generator=gen)
+    expected = loop.random_crop_flip(x[perm].float(), 1, True, gen)
+    expected = ((expected / 255.0) - loop.MEAN) / loop.STD
+    assert torch.equal(m.batches[0], expected)
