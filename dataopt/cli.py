@@ -1,0 +1,252 @@
+"""The ``dataopt`` command: run the chain (Prefect), one stage (what ``dvc.yaml`` calls), tracking, UI.
+
+Prefect, MLflow and DVC are imported lazily inside the commands that need them, so ``import
+dataopt.cli`` (and ``dataopt stage``) stays as light as the library.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from dataopt.errors import UserError
+
+MAIN_EPILOG = """\
+examples:
+  dataopt run                                  # the whole chain (Prefect flow), cached per stage
+  dataopt run --set optimize.ratio=0.5 --set train.epochs=5
+  dataopt stage train                          # one stage (what dvc.yaml calls)
+  dataopt track                                # log the current artifacts as one MLflow run
+  dataopt ui --port 5000                       # MLflow UI on http://127.0.0.1:5000
+  dvc repro                                    # the same chain through DVC
+  dvc exp run -S optimize.ratio=0.5            # a DVC experiment
+"""
+
+RUN_EPILOG = """\
+Runs ingest -> embed -> perceive -> analyze -> optimize -> train -> evaluate as the Prefect flow
+`curate`. A stage whose params, input files and code are unchanged is reused from the cache
+(<project>/.prefect/results) unless its outputs were deleted or changed. Then one MLflow run is
+logged and, without --set overrides, `dvc commit` records the outputs in dvc.lock.
+
+examples:
+  dataopt run
+  dataopt run --set train.epochs=3 --set ingest.noise.kind=symmetric --set ingest.noise.rate=0.2
+  dataopt run --no-cache
+  dataopt run --project path/to/project --params path/to/params.yaml
+"""
+
+STAGE_EPILOG = """\
+stages: ingest embed perceive analyze optimize train evaluate
+Writes artifacts/<stage>/ (and its metrics.json); the stage's inputs must exist.
+
+examples:
+  dataopt stage ingest
+  dataopt stage train --set train.epochs=3
+"""
+
+TRACK_EPILOG = """\
+Logs params.yaml, every stage's metrics, plots, reports, the model and the dataset digest as one
+MLflow run and writes artifacts/track/run.json. It is the last stage of dvc.yaml.
+
+examples:
+  dataopt track
+  MLFLOW_TRACKING_URI=http://localhost:5000 dataopt track
+"""
+
+UI_EPILOG = """\
+Serves the MLflow UI for this project's tracking store (tracking.tracking_uri, else
+$MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db) on 127.0.0.1.
+
+examples:
+  dataopt ui
+  dataopt ui --port 5001
+"""
+
+
+def _project_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--project", default=None, metavar="DIR",
+                        help="project root, the folder holding params.yaml (default: current folder)")
+    common.add_argument("--params", default=None, metavar="FILE",
+                        help="params file (default: <project>/params.yaml)")
+    return common
+
+
+def _set_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one parameter for this run (repeatable; value parsed as YAML)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    common = _project_options()
+    parser = argparse.ArgumentParser(
+        prog="dataopt", formatter_class=fmt, epilog=MAIN_EPILOG,
+        description="Perceive, analyse and optimise a training set; train and evaluate to prove it.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", parents=[common], formatter_class=fmt, epilog=RUN_EPILOG,
+                       help="run the whole chain as the Prefect flow 'curate'",
+                       description="Run the whole chain as the Prefect flow 'curate'.")
+    _set_option(p)
+    p.add_argument("--no-cache", action="store_true", help="recompute every stage (refreshes the cache)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("stage", parents=[common], formatter_class=fmt, epilog=STAGE_EPILOG,
+                       help="run one stage (what dvc.yaml calls)", description="Run one stage.")
+    p.add_argument("name", metavar="STAGE", help="ingest | embed | perceive | analyze | optimize | "
+                   "train | evaluate")
+    _set_option(p)
+    p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("track", parents=[common], formatter_class=fmt, epilog=TRACK_EPILOG,
+                       help="log the current artifacts as one MLflow run",
+                       description="Log the current artifacts as one MLflow run.")
+    _set_option(p)
+    p.set_defaults(func=cmd_track)
+
+    p = sub.add_parser("ui", parents=[common], formatter_class=fmt, epilog=UI_EPILOG,
+                       help="serve the MLflow UI on 127.0.0.1", description="Serve the MLflow UI.")
+    p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    p.set_defaults(func=cmd_ui)
+    return parser
+
+
+def _locate(args: argparse.Namespace) -> tuple[Path, Path]:
+    root = Path(args.project or ".").resolve()
+    if not root.is_dir():
+        raise UserError(f"project folder not found: {root}")
+    params = Path(args.params).resolve() if args.params else root / "params.yaml"
+    if not params.exists():
+        raise UserError(f"params file not found: {params} (run in the project folder or pass "
+                        "--project DIR / --params FILE)")
+    return root, params
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from dataopt.config import load_params
+    from dataopt.paths import Paths
+
+    root, params_file = _locate(args)
+    return load_params(params_file, getattr(args, "overrides", None)), Paths.at(root)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from dataopt import stages
+
+    stages.module(args.name)  # unknown stage -> UserError before anything is read
+    params, paths = _load(args)
+    t0 = time.perf_counter()
+    metrics = stages.run_stage(args.name, params, paths)
+    shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if isinstance(v, (int, float, str)))
+    print(f"dataopt: {args.name} done in {time.perf_counter() - t0:.1f} s: {shown}"[:2000])
+    return 0
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    from tasks.tracking import log_run
+
+    params, paths = _load(args)
+    info = log_run(params, paths, overrides=args.overrides)
+    if info["run_id"]:
+        print(f"dataopt: MLflow run {info['run_id']} in experiment {params.tracking.experiment!r} "
+              f"({info['tracking_uri']})")
+    return 0
+
+
+def summary_text(summary: dict[str, Any], root: Path) -> str:
+    """The short report printed at the end of ``dataopt run``."""
+    lines = ["", "dataopt run summary", f"  {'stage':<10} {'status':<7} {'seconds':>8}"]
+    for name, s in summary["stages"].items():
+        lines.append(f"  {name:<10} {s['status']:<7} {s['seconds']:>8.1f}")
+    ev = summary["stages"].get("evaluate", {}).get("metrics", {})
+    for key, label in (("accuracy", "test accuracy"), ("cost_ratio", "cost ratio (vs full data)")):
+        if isinstance(ev.get(key), (int, float)):
+            lines.append(f"  {label}: {ev[key]:.4f}")
+    tr = summary.get("tracking") or {}
+    if tr.get("run_id"):
+        lines.append(f"  MLflow run: {tr['run_id']} ({tr['tracking_uri']})")
+    else:
+        lines.append("  MLflow: tracking disabled")
+    lines.append(f"  DVC: {summary.get('dvc')}")
+    lines.append(f"  look at: {root / 'artifacts'}/, `dataopt ui`, `dvc metrics show`")
+    return "\n".join(lines)
+
+
+class _NoUserErrorTraceback(logging.Filter):
+    """Prefect logs a failed flow with its traceback; a UserError is reported as one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, UserError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_user_errors() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoUserErrorTraceback) for f in logger.filters):
+            logger.addFilter(_NoUserErrorTraceback())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    root, params_file = _locate(args)
+    from dataopt.config import load_params
+
+    load_params(params_file, args.overrides)  # fail fast, before Prefect starts its API
+    # offline machines: no telemetry attempts from the ephemeral API (a user setting still wins)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _quiet_user_errors()
+    from flows.curate import run
+
+    summary = run(params_file, args.overrides, root, no_cache=args.no_cache)
+    print(summary_text(summary, root))
+    return 0
+
+
+def ui_command(uri: str, port: int) -> list[str]:
+    """The ``mlflow ui`` command line that ``dataopt ui`` replaces itself with."""
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+            "--host", "127.0.0.1", "--port", str(port)]
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from tasks.tracking import tracking_uri
+
+    params, paths = _load(args)
+    uri = tracking_uri(params, paths)
+    print(f"dataopt: MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C to stop)",
+          flush=True)
+    os.chdir(paths.root)
+    # exec, not a child process: stopping `dataopt ui` stops the server (no orphan left behind)
+    os.execv(sys.executable, ui_command(uri, args.port))
+    return 0  # not reached
+
+
+def _one_line(msg: str) -> str:
+    lines = [ln.strip() for ln in str(msg).splitlines() if ln.strip()]
+    return " ".join(lines) if len(lines) <= 2 else "\n  ".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``dataopt`` command. Returns the exit code (2 for a user error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"dataopt: error: {_one_line(str(err))}", file=sys.stderr)
+        return getattr(err, "exit_code", 2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""dvc.yaml agrees with the stage modules (one definition of each stage's inputs, outputs, params)."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dataopt.config import Params
+from dataopt.stages import ORDER, module
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+STAGES = DVC["stages"]
+CODE_DEPS = {"dataopt"}  # every stage reruns when the package changes (as the Prefect cache key)
+
+
+def _names(entries):
+    """dvc.yaml list entries are strings or one-key mappings ({path: {cache: false}})."""
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
+
+
+def _param_exists(dotted: str) -> bool:
+    node = Params().model_dump(mode="json")
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def test_stage_names_are_the_pipeline_order_plus_track():
+    assert list(STAGES) == list(ORDER) + ["track"]
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_stage_matches_module(name):
+    mod = module(name)
+    st = STAGES[name]
+    assert st["cmd"] == f"dataopt stage {name}"
+    deps = _names(st["deps"])
+    assert CODE_DEPS <= set(deps)
+    extra = {"data"} if name == "ingest" else set()  # raw inputs (see the README's DVC notes)
+    assert set(deps) - CODE_DEPS - extra == {f"artifacts/{p}" for p in mod.INPUTS}
+    assert len(deps) == len(set(deps))
+    outs = _names(st["outs"])
+    assert set(outs) == {f"artifacts/{p}" for p in mod.OUTPUTS}
+    assert _names(st["metrics"]) == [f"artifacts/{name}/metrics.json"]
+    assert st["metrics"][0][f"artifacts/{name}/metrics.json"]["cache"] is False
+    assert _names(st["params"]) == list(mod.PARAMS)
+
+
+def test_every_named_param_exists():
+    named = {p for st in STAGES.values() for p in _names(st.get("params"))}
+    missing = sorted(p for p in named if not _param_exists(p))
+    assert not missing, f"dvc.yaml names params that dataopt.config.Params lacks: {missing}"
+    for name in ORDER:  # and every module's PARAMS too (they are the cache key's params)
+        assert all(_param_exists(p) for p in module(name).PARAMS), name
+
+
+def test_track_stage_logs_after_everything():
+    st = STAGES["track"]
+    assert st["cmd"] == "dataopt track"
+    deps = set(_names(st["deps"]))
+    assert {f"artifacts/{n}/metrics.json" for n in ORDER} <= deps
+    assert "artifacts/train/model" in deps and "artifacts/ingest/samples.parquet" in deps
+    assert {"tracking", *ORDER} <= set(_names(st["params"]))
+    assert st["outs"] == [{"artifacts/track/run.json": {"cache": False}}]
+
+
+def test_every_dep_is_produced_by_an_earlier_stage():
+    produced: set[str] = set()
+    for name in list(ORDER) + ["track"]:
+        st = STAGES[name]
+        for dep in _names(st["deps"]):
+            if dep.startswith("artifacts/"):
+                assert any(dep == p or dep.startswith(p + "/") for p in produced), (name, dep)
+        produced |= set(_names(st.get("outs"))) | set(_names(st.get("metrics")))
+
+
+def test_plots_point_into_stage_outputs():
+    outs = {p for st in STAGES.values() for p in _names(st.get("outs"))}
+    plots = _names(DVC["plots"])
+    assert "artifacts/train/history.json" in plots
+    assert "artifacts/evaluate/plots/per_class.json" in plots
+    assert "artifacts/evaluate/plots/confusion_matrix.png" in plots
+    for p in plots:
+        assert any(p == o or p.startswith(o + "/") for o in outs), p
+
+
+def test_dvcignore_hides_bytecode_from_the_code_dependency():
+    lines = (ROOT / ".dvcignore").read_text().splitlines()
+    assert "__pycache__/" in lines
+
+
+@pytest.mark.slow
+def test_fresh_project_dvc_repro_then_nothing_to_do_then_experiment(tmp_path):
+    """Like a fresh clone with no DVC remote: `dvc repro` runs the chain on the built-in dataset
+    (data/ holds only its README), a second `dvc repro` has nothing to do, and `dvc exp run -S`
+    records an experiment that `dvc exp show` lists, with one MLflow run per execution."""
+    import json
+    import subprocess
+
+    from test_e2e import BIN, make_project, project_env
+
+    project = make_project(tmp_path / "proj")
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["train"]["epochs"] = 2  # DVC mechanics, not accuracy: keep it quick
+    raw["perceive"].update(epochs=2, early_epochs=1)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = project_env(project)
+
+    def sh(*cmd):
+        proc = subprocess.run(list(cmd), cwd=project, capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert proc.returncode == 0, (cmd, proc.stdout[-2000:], proc.stderr[-2000:])
+        return proc.stdout
+
+    out = sh(str(BIN / "dvc"), "repro")
+    for name in list(ORDER) + ["track"]:
+        assert f"Running stage '{name}'" in out
+    assert "Running stage" not in sh(str(BIN / "dvc"), "repro")
+    assert "up to date" in sh(str(BIN / "dvc"), "status")
+    first = json.loads((project / "artifacts" / "track" / "run.json").read_text())
+
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "baseline")
+    out = sh(str(BIN / "dvc"), "exp", "run", "-S", "optimize.ratio=0.5")
+    assert "Running stage 'optimize'" in out and "Running stage 'ingest'" not in out
+    exps = json.loads(sh(str(BIN / "dvc"), "exp", "show", "--json"))
+    names = [e.get("name") for rev in exps for e in (rev.get("experiments") or [])]
+    assert len(names) == 1 and names[0], exps
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=first["tracking_uri"])
+    runs = client.search_runs([first["experiment_id"]])
+    assert sorted(r.data.tags["dataopt.entry_point"] for r in runs) == ["dvc", "dvc-exp"]
+    exp_run = next(r for r in runs if r.data.tags["dataopt.entry_point"] == "dvc-exp")
+    assert exp_run.data.params["optimize.ratio"] == "0.5"

@@ -1,0 +1,107 @@
+"""End to end: ``dataopt run`` on the built-in dataset in a fresh git+DVC project copy.
+
+Asserts every artifact of the contract, the test accuracy, the MLflow run (params, metrics, model,
+dataset input), that a second run reuses every stage from the cache and is faster, and that DVC then
+has nothing to reproduce (the flow ran ``dvc commit``).
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dataopt.config import load_params
+from dataopt.schema import ARTIFACTS
+from dataopt.stages import ORDER
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def make_project(dst: Path) -> Path:
+    """A project like a fresh clone: params, dvc.yaml, data/, the code DVC depends on; git + dvc."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, dst / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("dataopt", "tasks", "data"):
+        shutil.copytree(ROOT / name, dst / name, ignore=ignore)
+    env = project_env(dst)
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True, env=env)
+    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=dst, check=True, env=env)
+    shutil.copy(ROOT / ".dvc" / "config", dst / ".dvc" / "config")
+    return dst
+
+
+def project_env(project: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update({
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # dvc.yaml runs `dataopt stage ...`
+        "PREFECT_HOME": str(project.parent / "prefect-home"),  # hermetic Prefect state
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    })
+    return env
+
+
+def dataopt_run(project: Path, *args: str) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(BIN / "dataopt"), "run", *args], cwd=project, capture_output=True,
+                          text=True, env=project_env(project), timeout=600)
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc.stdout, seconds
+
+
+def statuses(stdout: str) -> dict[str, str]:
+    rows = re.findall(r"^\s+(\w+)\s+(ran|cached)\s+[\d.]+$", stdout, flags=re.M)
+    return dict(rows)
+
+
+@pytest.mark.slow
+def test_dataopt_run_end_to_end(tmp_path):
+    project = make_project(tmp_path / "proj")
+
+    out1, t1 = dataopt_run(project)
+    assert statuses(out1) == {n: "ran" for n in ORDER}, out1
+    for stage, files in ARTIFACTS.items():
+        for f in files:
+            assert (project / "artifacts" / stage / f).exists(), f"{stage}/{f} missing"
+    metrics = json.loads((project / "artifacts" / "evaluate" / "metrics.json").read_text())
+    assert metrics["accuracy"] >= 0.90
+    assert "test accuracy:" in out1 and "dataopt ui" in out1 and "dvc metrics show" in out1
+
+    run_info = json.loads((project / "artifacts" / "track" / "run.json").read_text())
+    assert run_info["tracking_uri"] == f"sqlite:///{project / 'mlflow.db'}"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=run_info["tracking_uri"])
+    run = client.get_run(run_info["run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == "dataopt"
+    assert run.data.params["train.epochs"] == str(load_params(project / "params.yaml").train.epochs)
+    assert run.data.params["tracking.experiment"] == "dataopt"
+    assert run.data.metrics["evaluate.accuracy"] == pytest.approx(metrics["accuracy"])
+    assert run.data.tags["dataopt.entry_point"] == "prefect"
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "model")} >= {
+        "model/model.safetensors", "model/config.json"}
+    assert len(run.inputs.dataset_inputs) == 1
+
+    out2, t2 = dataopt_run(project)
+    assert statuses(out2) == {n: "cached" for n in ORDER}, out2
+    assert t2 < t1, (t1, t2)
+    run2 = json.loads((project / "artifacts" / "track" / "run.json").read_text())["run_id"]
+    assert run2 != run_info["run_id"]  # one MLflow run per execution, cached or not
+
+    # the flow recorded the outputs in dvc.lock: DVC has nothing to do
+    proc = subprocess.run([str(BIN / "dvc"), "status", "-q"], cwd=project, capture_output=True,
+                          text=True, env=project_env(project))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = subprocess.run([str(BIN / "dvc"), "repro", "--dry"], cwd=project, capture_output=True,
+                          text=True, env=project_env(project))
+    assert proc.returncode == 0 and "Running stage" not in proc.stdout, proc.stdout
