@@ -67,8 +67,15 @@ class EmbedParams(Section):
     backend: str = "pixels"
     kwargs: dict[str, Any] = {}
     knn_k: int = Field(10, ge=1, le=1000)
+    knn_exact_max: int = Field(100_000, ge=0)  # exact faiss search up to this many train rows, IVF above
+    knn_nlist: Optional[int] = Field(None, ge=1)  # IVF lists; None = ~4 sqrt(n_train)
+    knn_nprobe: int = Field(32, ge=1)  # IVF lists visited per query
+    knn_device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = a GPU when faiss or torch sees one
+    near_duplicate_threshold: float = Field(0.1, ge=0.0)  # Euclidean kNN distance of a near duplicate
     batch_size: int = Field(512, ge=1)  # rows embedded per block (bounds memory), not a training batch
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    shard_size: int = Field(4096, ge=1)  # rows per shard file: the unit of resume and of scale-out
+    keep_shards: bool = False  # keep artifacts/embed/shards/<fingerprint>/ after the final assembly
 
     @model_validator(mode="after")
     def _backend(self) -> "EmbedParams":
@@ -89,6 +96,7 @@ class PerceiveParams(Section):
     max_seconds: Optional[float] = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     signals: Optional[list[str]] = None  # null = every registered signal
+    signal_kwargs: dict[str, dict[str, Any]] = {}  # signal name -> its hyper-parameters
 
     @model_validator(mode="after")
     def _early(self) -> "PerceiveParams":
@@ -96,6 +104,8 @@ class PerceiveParams(Section):
             raise ValueError(f"early_epochs ({self.early_epochs}) must be <= epochs ({self.epochs})")
         for name in self.signals or []:
             _check_method("SIGNALS", name)
+        for name, kw in self.signal_kwargs.items():
+            _check_method("SIGNALS", name, kw)
         return self
 
 
@@ -106,6 +116,9 @@ class AnalyzeParams(Section):
     # "agreement": a sample whose out-of-fold prediction equals its label is clean (p_clean = 1),
     # the mixture decides the rest; "none": the mixture posterior alone (see dataopt/stages/analyze.py)
     gate: Literal["agreement", "none"] = "agreement"
+    outlier_z: float = Field(3.5, gt=0.0)  # robust z-score of kNN density rho above which a sample is an outlier
+    duplicate_distance: float = Field(0.1, ge=0.0)  # nearest-neighbour distance at or below which: near duplicate
+    plot_points: int = Field(5000, ge=10)  # points in the 2-D projection plot (seeded subsample)
 
     @model_validator(mode="after")
     def _detector(self) -> "AnalyzeParams":

@@ -149,11 +149,45 @@ def outputs_match(name: str, paths: Paths, result: dict[str, Any]) -> bool:
     return all(v is not None and current[k] == v for k, v in recorded.items())
 
 
+def map_shards_threads(fn: Callable, specs: list[dict]) -> list:
+    """Run the embed shards as Prefect tasks (visible task runs, retried) on a thread pool."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    shard = task(fn, name="embed-shard", task_run_name="embed-shard-{spec[index]}",
+                 cache_policy=NO_CACHE, persist_result=False, retries=1, retry_delay_seconds=1.0,
+                 retry_condition_fn=is_transient)
+    return [f.result() for f in shard.map(specs)]
+
+
+def map_shards_dask(fn: Callable, specs: list[dict]) -> list:
+    """Spread the embed shards over every worker of the flow's Dask cluster.
+
+    The stage itself runs as a task on one worker of the flow's DaskTaskRunner cluster; Prefect tasks
+    submitted from inside a task stay on that worker, so the shards go to the whole cluster through
+    Dask's ``worker_client``, which also secedes the waiting stage task from its worker's thread pool
+    so that its slot computes shards too. ``compute_shard`` skips a shard whose file already exists,
+    so a retried shard is safe.
+    """
+    from distributed import worker_client
+
+    with worker_client() as client:
+        return client.gather(client.map(fn, specs, pure=False))
+
+
+def hooks_for(name: str, params: Params) -> dict[str, Any]:
+    """Orchestration hooks a stage accepts: embed runs its shards through the task runner."""
+    if name != "embed":
+        return {}
+    dask = params.orchestration.task_runner == "dask"
+    return {"map_shards": map_shards_dask if dask else map_shards_threads}
+
+
 def execute(name: str, params: Params, project: str) -> dict[str, Any]:
     """Run one stage; return its metrics and the digests of its outputs (the cached result)."""
     paths = Paths.at(project)
     _load_digest_cache(paths.root)
-    metrics = stages.run_stage(name, params, paths)
+    metrics = stages.run_stage(name, params, paths, **hooks_for(name, params))
     result = {"metrics": metrics, "outputs": output_digests(name, paths)}
     save_digest_cache(paths.root)
     return result

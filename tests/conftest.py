@@ -5,11 +5,14 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 from sklearn.datasets import load_digits
+from sklearn.neighbors import NearestNeighbors
 
-from dataopt.io import save_npy, write_parquet
+from dataopt.analyze.base import arrow_table
+from dataopt.io import save_npy, save_npz, write_parquet
 from dataopt.paths import Paths
 from dataopt.schema import SAMPLES_COLUMNS
 
@@ -75,3 +78,109 @@ def digits_ingested(tmp_path: Path) -> Paths:
 def digits_writer():
     """:func:`write_digits_ingested` itself, for module-scoped fixtures (``digits_writer(root, n=...)``)."""
     return write_digits_ingested
+
+
+# a tiny OpenCLIP architecture (ViT: width 64, 2 layers, patch 8, 32 px; text: width 32, 1 layer) so that
+# the open_clip backend is tested offline through the same `pretrained=<checkpoint>` path users take
+TINY_OPENCLIP_NAME = "dataopt-tiny-clip"
+TINY_OPENCLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def write_tiny_openclip(
+    folder: Path, name: str = TINY_OPENCLIP_NAME, seed: int = 0, fmt: str = "safetensors", **overrides
+) -> tuple[str, Path, Path]:
+    """Write ``<folder>/<name>.json`` (an OpenCLIP model config) and a randomly initialised checkpoint.
+
+    ``fmt`` is ``"safetensors"`` or ``"pt"`` (a plain state_dict, loadable with ``weights_only=True``);
+    ``overrides`` replace top-level config keys (e.g. ``embed_dim=16`` for a mismatching architecture).
+    Returns ``(model_name, model_config_path, checkpoint_path)``.
+    """
+    import json
+
+    import torch
+    from open_clip.model import CLIP
+
+    from dataopt.train.loop import seeded
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {**TINY_OPENCLIP_CONFIG, **overrides}
+    config_path = folder / f"{name}.json"
+    config_path.write_text(json.dumps(cfg, indent=2))
+    with seeded(seed):
+        state = CLIP(**cfg).state_dict()
+    checkpoint = folder / f"{name}-seed{seed}.{fmt}"
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(checkpoint))
+    else:
+        torch.save(state, checkpoint)
+    return name, config_path, checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_openclip_checkpoint(tmp_path_factory) -> tuple[str, Path, Path]:
+    """``(model_name, model_config_path, checkpoint_path)`` of a tiny random OpenCLIP model (safetensors).
+
+    Use it as ``embed.backend=open_clip`` with ``embed.kwargs = {model: <name>, model_config: <path>,
+    pretrained: <checkpoint>}``.
+    """
+    return write_tiny_openclip(tmp_path_factory.mktemp("tiny_openclip"))
+
+
+def write_signals_project(root, n_train=300, n_test=60, n_classes=4, dim=16, noise=0.2,
+                          clean_known=True, seed=0, pred_clean=True, interleave=False) -> Paths:
+    """Fabricate the ingest/embed/perceive artifacts that analyze and optimize read.
+
+    Train rows carry planted label noise (``label_clean`` keeps the truth when ``clean_known``);
+    noisy rows get high ``loss_early``; out-of-fold probabilities mostly predict the clean label;
+    ``interleave`` mixes train and test rows so that row-mapping bugs show.
+    """
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    split = (np.where(rng.permutation(n) < n_train, "train", "test") if interleave
+             else np.array(["train"] * n_train + ["test"] * n_test))
+    clean = rng.integers(0, n_classes, n)
+    label = clean.copy()
+    flip = (rng.random(n) < noise) & (split == "train")
+    label[flip] = (clean[flip] + rng.integers(1, n_classes, flip.sum())) % n_classes
+    ids = np.arange(n, dtype=np.int64) * 7 + 1000
+    samples = {
+        "sample_id": ids, "split": split, "label": label, "label_name": [f"c{c}" for c in label],
+        "label_clean": [int(c) for c in clean] if clean_known else [None] * n,
+        "source": [f"img/{i}.png" for i in range(n)], "source_id": [""] * n,
+        "orig_height": np.full(n, 8), "orig_width": np.full(n, 8), "orig_mode": ["RGB"] * n,
+        "note": [""] * n, "content_hash": [f"h{i}" for i in range(n)], "duplicate_of": [None] * n,
+    }
+    paths = Paths.at(root)
+    write_parquet(paths.stage("ingest") / "samples.parquet", arrow_table(SAMPLES_COLUMNS, samples))
+    centres = rng.normal(size=(n_classes, dim))
+    z = centres[clean] + 0.6 * rng.normal(size=(n, dim))
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    save_npy(paths.stage("embed") / "embeddings.npy", z.astype(np.float16))
+    tr = split == "train"
+    is_noisy = (label != clean)[tr]
+    m = int(tr.sum())
+    loss = np.where(is_noisy, np.clip(rng.normal(2.4, 0.5, m), 0.05, None), rng.gamma(1.5, 0.15, m))
+    # out-of-fold probabilities that mostly predict the clean label (a good proxy)
+    logits = rng.normal(0, 0.5, (m, n_classes))
+    logits[np.arange(m), clean[tr]] += 2.5
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    pred = clean[tr] if pred_clean else probs.argmax(1)
+    signals = pd.DataFrame({
+        "sample_id": ids[tr], "label": label[tr], "loss_early": loss,
+        "loss_last": loss * 0.5, "pred_label": pred,
+        "class_center_distance": rng.random(m), "el2n": rng.random(m),
+    })
+    write_parquet(paths.stage("perceive") / "signals.parquet", signals)
+    save_npz(paths.stage("perceive") / "dynamics.npz", sample_id=ids[tr], probs=probs.astype(np.float32))
+    zt = z[tr].astype(np.float16).astype(np.float32)
+    dist, ind = NearestNeighbors(n_neighbors=6).fit(zt).kneighbors(zt)
+    save_npz(paths.stage("embed") / "knn.npz", sample_id=ids[tr], indices=ind[:, 1:],
+             distances=dist[:, 1:].astype(np.float32))
+    return paths

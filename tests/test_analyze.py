@@ -14,11 +14,14 @@ from dataopt.analyze.base import LazyInputs, arrow_table, fit_method
 from dataopt.analyze.mixture import BetaLossMixture, GaussianLossMixture
 from dataopt.config import Params, validate
 from dataopt.errors import ConfigError, DataError, MissingArtifactError
-from dataopt.io import read_json, save_npy, write_parquet
+from dataopt.io import read_json, write_parquet
 from dataopt.paths import Paths
 from dataopt.registry import DETECTORS
-from dataopt.schema import ANALYSIS_COLUMNS, SAMPLES_COLUMNS
+from dataopt.schema import ANALYSIS_COLUMNS
 from dataopt.stages import run_stage
+
+from conftest import write_signals_project as make_project
+from dataopt.stages.analyze import FLAG_COLUMNS
 
 
 def planted_losses(n: int = 2000, rate: float = 0.2, seed: int = 0):
@@ -27,43 +30,6 @@ def planted_losses(n: int = 2000, rate: float = 0.2, seed: int = 0):
     noisy = rng.random(n) < rate
     loss = np.where(noisy, np.clip(rng.normal(2.4, 0.5, n), 0.05, None), rng.gamma(1.5, 0.15, n))
     return loss, noisy
-
-
-def make_project(root, n_train=300, n_test=60, n_classes=4, dim=16, noise=0.2, clean_known=True,
-                 seed=0) -> Paths:
-    """Fabricate ingest/embed/perceive artifacts with planted label noise (train rows)."""
-    rng = np.random.default_rng(seed)
-    n = n_train + n_test
-    split = np.array(["train"] * n_train + ["test"] * n_test)
-    clean = rng.integers(0, n_classes, n)
-    label = clean.copy()
-    flip = (rng.random(n) < noise) & (split == "train")
-    label[flip] = (clean[flip] + rng.integers(1, n_classes, flip.sum())) % n_classes
-    ids = np.arange(n, dtype=np.int64) * 7 + 1000
-    samples = {
-        "sample_id": ids, "split": split, "label": label, "label_name": [f"c{c}" for c in label],
-        "label_clean": [int(c) for c in clean] if clean_known else [None] * n,
-        "source": [f"img/{i}.png" for i in range(n)], "source_id": [""] * n,
-        "orig_height": np.full(n, 8), "orig_width": np.full(n, 8), "orig_mode": ["RGB"] * n,
-        "note": [""] * n, "content_hash": [f"h{i}" for i in range(n)], "duplicate_of": [None] * n,
-    }
-    paths = Paths.at(root)
-    write_parquet(paths.stage("ingest") / "samples.parquet", arrow_table(SAMPLES_COLUMNS, samples))
-    centres = rng.normal(size=(n_classes, dim))
-    z = centres[clean] + 0.6 * rng.normal(size=(n, dim))
-    z /= np.linalg.norm(z, axis=1, keepdims=True)
-    save_npy(paths.stage("embed") / "embeddings.npy", z.astype(np.float16))
-    tr = split == "train"
-    is_noisy = (label != clean)[tr]
-    m = int(tr.sum())
-    loss = np.where(is_noisy, np.clip(rng.normal(2.4, 0.5, m), 0.05, None), rng.gamma(1.5, 0.15, m))
-    signals = pd.DataFrame({
-        "sample_id": ids[tr], "label": label[tr], "loss_early": loss,
-        "loss_last": loss * 0.5, "pred_label": clean[tr],
-        "class_center_distance": rng.random(m), "el2n": rng.random(m),
-    })
-    write_parquet(paths.stage("perceive") / "signals.parquet", signals)
-    return paths
 
 
 @pytest.mark.parametrize("name", ["gmm", "bmm"])
@@ -169,7 +135,7 @@ def test_unknown_detector_kwargs_and_names_list_valid_ones():
     with pytest.raises(ConfigError, match="clip_quantile") as exc:
         DETECTORS.build("gmm", {"bogus": 1})
     assert "bogus" in str(exc.value)
-    with pytest.raises(ConfigError, match="bmm, gmm"):
+    with pytest.raises(ConfigError, match="bmm, cl_mixture, confident_learning, gmm"):
         DETECTORS.build("nope")
     with pytest.raises(ConfigError, match="eps"):
         validate({"analyze": {"detector": "bmm", "kwargs": {"reg_covar": 1e-3}}})
@@ -216,9 +182,9 @@ def test_analyze_stage_writes_artifacts_and_scores_detection(tmp_path, detector)
     out = paths.artifacts / "analyze"
 
     table = pq.read_table(out / "analysis.parquet")
-    assert table.schema.names == [*ANALYSIS_COLUMNS, "p_clean_mixture"]
+    assert table.schema.names == [*ANALYSIS_COLUMNS, *FLAG_COLUMNS]
     assert [str(t) for t in table.schema.types] == ["int64", "double", "bool", "double", "int64",
-                                                    "double"]
+                                                    "double", "double", "bool", "double", "bool"]
     df = table.to_pandas()
     signals = pd.read_parquet(paths.artifacts / "perceive" / "signals.parquet")
     np.testing.assert_array_equal(df["sample_id"], signals["sample_id"])
@@ -238,12 +204,13 @@ def test_analyze_stage_writes_artifacts_and_scores_detection(tmp_path, detector)
     assert per_class["0"]["name"] == "c0"
     det = summary["detection"]
     assert det["n_scored"] == len(df)
-    for key in ("precision", "recall", "f1", "auroc", "true_noise_rate", "noise_rate_error"):
+    for key in ("precision", "recall", "f1", "auroc", "average_precision", "true_noise_rate",
+                "noise_rate_error"):
         assert key in det and f"detection_{key}" in metrics
     assert det["f1"] > 0.8 and det["noise_rate_error"] < 0.05
 
     assert read_json(out / "metrics.json")["n_label_issues"] == metrics["n_label_issues"]
-    for png in ("loss_mixture.png", "class_issues.png"):
+    for png in ("loss_mixture.png", "class_issues.png", "projection.png", "transition_matrix.png"):
         data = (out / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     rows = read_json(out / "plots" / "loss_hist.json")

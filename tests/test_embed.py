@@ -56,7 +56,9 @@ def test_pixels_artifacts_shapes_and_contract(digits_ingested: Paths):
     assert set(metrics) >= {"dim", "n", "seconds", "images_per_s"} and metrics["images_per_s"] > 0
     assert read_json(out / "metrics.json")["dim"] == 64
     assert set(embed_stage.INPUTS) == {"ingest/samples.parquet", "ingest/images.npy"}
-    assert set(embed_stage.OUTPUTS) == {"embed/embeddings.npy", "embed/knn.npz", "embed/meta.json"}
+    assert set(embed_stage.OUTPUTS) == {"embed/embeddings.npy", "embed/knn.npz", "embed/meta.json",
+                                        "embed/duplicates.json"}
+    assert meta["knn"]["backend"] == "faiss-cpu exact" and meta["knn"]["k"] == 10
     assert embed_stage.PARAMS == ("seed", "embed")
 
 
@@ -183,3 +185,21 @@ def test_unknown_backend_kwarg_is_a_config_error():
         PixelsEmbedder(dim=0).fit(np.zeros((4, 2, 2, 3), np.uint8))
     with pytest.raises(DataError, match="trains on labels"):
         ProxyEmbedder().fit(np.zeros((4, 8, 8, 3), np.uint8))
+
+
+def test_stage_reports_planted_duplicate_groups(digits_ingested: Paths):
+    # copy train image 0 over train images 1 and 2: one exact-duplicate group of three sample ids
+    import pyarrow.parquet as pq
+
+    samples = pq.read_table(digits_ingested.artifacts / "ingest" / "samples.parquet").to_pandas()
+    train = np.flatnonzero(samples["split"].to_numpy() == "train")
+    images_path = digits_ingested.artifacts / "ingest" / "images.npy"
+    images = load_npy(images_path, mmap=False).copy()
+    images[train[1]] = images[train[2]] = images[train[0]]
+    np.save(images_path, images)
+    metrics = run_stage("embed", _params(), digits_ingested)
+    dup = read_json(digits_ingested.artifacts / "embed" / "duplicates.json")
+    planted = sorted(samples["sample_id"].to_numpy()[train[:3]].tolist())
+    assert planted in [sorted(g) for g in dup["exact"]["groups"]]
+    assert metrics["exact_duplicate_groups"] == dup["exact"]["n_groups"] >= 1
+    assert read_json(digits_ingested.artifacts / "embed" / "meta.json")["duplicates"]["n_groups"] >= 1

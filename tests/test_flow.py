@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _fake_module(inputs, outputs, params):
     return types.SimpleNamespace(INPUTS=inputs, OUTPUTS=outputs, PARAMS=params,
-                                 run=lambda p, paths: {})
+                                 run=lambda p, paths, **hooks: {})
 
 
 @pytest.fixture
@@ -210,7 +210,7 @@ DRIVER = textwrap.dedent('''
     def make(name, prev):
         mod = types.SimpleNamespace(INPUTS=(f"{prev}/out.json",) if prev else (),
                                     OUTPUTS=(f"{name}/out.json",), PARAMS=("seed",))
-        def run(params, paths):
+        def run(params, paths, **hooks):
             calls.append(name)
             fail = os.environ.get("FAIL")
             if name == "perceive" and fail == "user":
@@ -267,7 +267,7 @@ def test_flow_caches_verifies_outputs_and_retries(tmp_path):
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(project),
                            json.dumps(steps)], capture_output=True, text=True, env=env,
-                          timeout=300, cwd=tmp_path)
+                          timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
     r = json.loads(line[len("RESULTS "):])

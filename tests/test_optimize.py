@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataopt.analyze.base import arrow_table
+
 from dataopt.config import Params, validate
 from dataopt.errors import ConfigError, DataError, MissingArtifactError
 from dataopt.io import read_json, save_npy, write_parquet
@@ -16,8 +16,10 @@ from dataopt.optimize.prune import ModerateCoreset, RandomSubset, class_centre_d
 from dataopt.optimize.weight import PCleanWeight
 from dataopt.paths import Paths
 from dataopt.registry import SELECTORS, WEIGHTERS
-from dataopt.schema import PLAN_COLUMNS, SAMPLES_COLUMNS
+from dataopt.schema import PLAN_COLUMNS
 from dataopt.stages import run_stage
+
+from conftest import write_signals_project
 
 
 def clustered(n=200, n_classes=4, dim=8, seed=0):
@@ -44,37 +46,9 @@ def middle_band(score, m):
     return np.sort(order[lo:lo + m])
 
 
-def make_project(root, n_train=240, n_test=40, n_classes=4, dim=16, seed=0) -> Paths:
-    """ingest/embed/perceive artifacts for the stage tests (train and test rows interleaved)."""
-    rng = np.random.default_rng(seed)
-    n = n_train + n_test
-    split = np.where(rng.permutation(n) < n_train, "train", "test")
-    clean = rng.integers(0, n_classes, n)
-    label = clean.copy()
-    flip = (rng.random(n) < 0.2) & (split == "train")
-    label[flip] = (clean[flip] + 1) % n_classes
-    ids = np.arange(n, dtype=np.int64) * 3 + 5
-    samples = {
-        "sample_id": ids, "split": split, "label": label, "label_name": [f"c{c}" for c in label],
-        "label_clean": clean, "source": [f"{i}.png" for i in range(n)], "source_id": [""] * n,
-        "orig_height": np.full(n, 8), "orig_width": np.full(n, 8), "orig_mode": ["RGB"] * n,
-        "note": [""] * n, "content_hash": [f"h{i}" for i in range(n)], "duplicate_of": [None] * n,
-    }
-    paths = Paths.at(root)
-    write_parquet(paths.stage("ingest") / "samples.parquet", arrow_table(SAMPLES_COLUMNS, samples))
-    z = rng.normal(size=(n_classes, dim))[label] + 0.7 * rng.normal(size=(n, dim))
-    z /= np.linalg.norm(z, axis=1, keepdims=True)
-    save_npy(paths.stage("embed") / "embeddings.npy", z.astype(np.float16))
-    tr = split == "train"
-    m = int(tr.sum())
-    noisy = flip[tr]
-    signals = pd.DataFrame({
-        "sample_id": ids[tr], "label": label[tr],
-        "loss_early": np.where(noisy, rng.normal(2.4, 0.4, m).clip(0.1), rng.gamma(1.5, 0.15, m)),
-        "pred_label": clean[tr], "el2n": rng.random(m), "class_center_distance": rng.random(m),
-    })
-    write_parquet(paths.stage("perceive") / "signals.parquet", signals)
-    return paths
+def make_project(root, **kwargs) -> Paths:
+    """The shared fabricated project, train and test rows interleaved (row mapping must hold)."""
+    return write_signals_project(root, **{"n_train": 240, "n_test": 40, "interleave": True, **kwargs})
 
 
 def optimize_params(**section) -> Params:

@@ -46,7 +46,7 @@ def test_artifacts_shapes_dtypes_and_catalogue(noisy):
     assert dyn.epochs_completed == 12 and dyn.epochs_per_fold.tolist() == [12] * 4
     assert np.array_equal(dyn.sample_id, train.sample_id.to_numpy())
     assert sorted(np.unique(dyn.fold)) == [0, 1, 2, 3]
-    for name in ("loss", "p_label", "margin"):
+    for name in ("loss", "p_label", "margin", "logit_margin", "error_norm", "feature_norm"):
         assert getattr(dyn, name).shape == (12, n) and getattr(dyn, name).dtype == np.float32
     assert dyn.correct.shape == (12, n) and dyn.correct.dtype == bool
     assert dyn.probs.shape == (n, 10) and dyn.probs.dtype == np.float32
@@ -54,6 +54,14 @@ def test_artifacts_shapes_dtypes_and_catalogue(noisy):
     labels = train.label.to_numpy()
     np.testing.assert_allclose(dyn.probs[np.arange(n), labels], dyn.p_label[-1], atol=1e-6)
     np.testing.assert_allclose(dyn.loss, -np.log(dyn.p_label), rtol=1e-3, atol=1e-4)
+    onehot = np.eye(10)[labels]
+    np.testing.assert_allclose(dyn.error_norm[-1], np.linalg.norm(dyn.probs - onehot, axis=1), atol=1e-5)
+    assert np.array_equal(dyn.logit_margin > 0, dyn.margin > 0)  # same argmax test, logits or probs
+    assert (dyn.feature_norm > 0).all()
+    # a linear head reads the standardised embedding: mean squared norm = d (unit variance per coordinate)
+    d = np.load(paths.artifacts / "embed" / "embeddings.npy", mmap_mode="r").shape[1]
+    assert 0.5 * d < (dyn.feature_norm[0] ** 2).mean() < 1.5 * d
+    assert np.array_equal(dyn.feature_norm[0], dyn.feature_norm[-1])  # fixed features for hidden=0
     assert (np.abs(dyn.margin) <= 1).all()
     assert np.array_equal(dyn.correct[-1], dyn.probs.argmax(1) == labels)
 
@@ -78,7 +86,9 @@ def test_artifacts_shapes_dtypes_and_catalogue(noisy):
     assert all(cat[k]["dtype"] == str(sig[k].dtype) for k in cat)
 
     classes = pq.read_table(out / "classes.parquet").to_pandas()
-    assert list(classes.columns) == ["label", "label_name", "count", "share", "oof_accuracy", "compactness"]
+    assert list(classes.columns) == ["label", "label_name", "count", "share", "oof_accuracy", "compactness",
+                                     "diversity"]
+    assert ((classes.diversity > 1) & (classes.diversity <= classes["count"])).all()
     assert classes.label.tolist() == list(range(10)) and classes["count"].sum() == n
     assert classes.label_name.tolist() == [str(i) for i in range(10)]
     np.testing.assert_allclose(classes.share.sum(), 1.0)
@@ -88,6 +98,11 @@ def test_artifacts_shapes_dtypes_and_catalogue(noisy):
     assert corpus["n_train"] == n and corpus["n_classes"] == 10 and corpus["epochs_completed"] == 12
     assert corpus["duplicate_rate"] == 0.0 and corpus["model"] == "head" and corpus["folds"] == 4
     assert corpus["known_noise_rate"] == pytest.approx(0.15, abs=0.005)
+    assert corpus["estimated_noise_rate"] == pytest.approx(0.15, abs=0.06)
+    assert corpus["estimated_noise_rate_method"].startswith("confident joint")
+    assert corpus["semantic_consistency_source"] == "oof_probability"  # the pixels embedder has no text
+    assert "no text embeddings" in cat["semantic_consistency"]["description"]
+    assert 0 < corpus["signal_seconds"] < corpus["seconds"]
     counts = train.label.value_counts()
     assert corpus["imbalance_ratio"] == pytest.approx(counts.max() / counts.min())
     assert corpus["oof_accuracy"] == pytest.approx(sig.correct_last.mean())
@@ -180,8 +195,12 @@ def test_signal_subset_and_unknown_signal(digits_ingested: Paths):
     run_stage("perceive", params, digits_ingested)
     assert list(_signals(digits_ingested).columns) == ["sample_id", "label", "loss_early", "knn_density"]
     assert (digits_ingested.artifacts / "perceive" / "classes.parquet").exists()
-    with pytest.raises(ConfigError, match="unknown signal method 'aum'; valid: .*loss_early"):
-        validate({"perceive": {"signals": ["aum"]}})
+    with pytest.raises(ConfigError, match="unknown signal method 'grandd'; valid: .*aum.*loss_early"):
+        validate({"perceive": {"signals": ["grandd"]}})
+    with pytest.raises(ConfigError, match="'knn_shapley' got unknown kwargs \\['K'\\]; valid: k"):
+        validate({"perceive": {"signal_kwargs": {"knn_shapley": {"K": 3}}}})
+    with pytest.raises(ConfigError, match="unknown signal method 'shapley'"):
+        validate({"perceive": {"signal_kwargs": {"shapley": {}}}})
 
 
 def test_signals_on_hand_made_dynamics():
@@ -191,7 +210,9 @@ def test_signals_on_hand_made_dynamics():
     dyn = Dynamics(sample_id=np.arange(3), fold=np.zeros(3, np.int64), loss=loss,
                    p_label=np.zeros((4, 3), np.float32),
                    margin=np.array([[0.1, 0.2, 0.3]] * 3 + [[0.5, -0.5, 0.0]], np.float32),
-                   correct=correct, probs=probs, epochs_completed=4, epochs_per_fold=np.array([4]))
+                   correct=correct, logit_margin=np.zeros((4, 3), np.float32),
+                   error_norm=np.zeros((4, 3), np.float32), feature_norm=np.ones((4, 3), np.float32),
+                   probs=probs, epochs_completed=4, epochs_per_fold=np.array([4]))
     labels = np.array([0, 1, 1])
     emb = np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]], np.float32)
     knn_idx = np.array([[1, 2], [0, 2], [1, 0]])

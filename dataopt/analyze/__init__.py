@@ -2,4 +2,4 @@
 
 Importing this package registers the ``DETECTORS``.
 """
-from dataopt.analyze import mixture  # noqa: F401  (registers gmm, bmm)
+from dataopt.analyze import confident, mixture  # noqa: F401  (registers the detectors)

@@ -26,10 +26,12 @@ class LossMixture:
 
     Fitted attributes (component order is always ``[clean, noisy]``, i.e. ascending mean):
     ``lo_``, ``hi_`` (loss mapped to 0 and 1), ``normalised_`` (n,), ``means_`` (2,),
-    ``weights_`` (2,), ``p_clean_`` (n,), ``noise_rate_`` (float), ``n_iter_``, ``converged_``.
+    ``weights_`` (2,), ``p_clean_`` (n,), ``is_label_issue_`` (n,) (``p_clean_ < 0.5``), ``noise_rate_``
+    (float), ``n_iter_``, ``converged_``.
     """
 
     requires = ("loss",)
+    flags_own_issues = False  # the stage flags p_clean < analyze.threshold
 
     def fit(self, loss: np.ndarray) -> "LossMixture":
         """Fit the mixture to per-sample losses.
@@ -83,6 +85,7 @@ class LossMixture:
         self.p_clean_ = self._p_clean_at(x)
         # Expected share of noisy samples under the fitted posterior: mean(1 - p_clean).
         self.noise_rate_ = float(np.mean(1.0 - self.p_clean_))
+        self.is_label_issue_ = self.p_clean_ < 0.5
         return self
 
     def _transform(self, loss: np.ndarray) -> np.ndarray:

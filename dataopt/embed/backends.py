@@ -4,11 +4,12 @@ Both fit on the train split only and need no downloaded weights, so they run on 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from sklearn.decomposition import PCA
+from threadpoolctl import threadpool_limits
 from sklearn.preprocessing import StandardScaler
 
 from dataopt.embed.base import Embedder, torch_device
@@ -21,6 +22,12 @@ from dataopt.train.nets import SmallCNN
 def _flat(images: np.ndarray) -> np.ndarray:
     """``(b, H, W, C)`` uint8 -> ``(b, H*W*C)`` float32."""
     return np.asarray(images, dtype=np.float32).reshape(len(images), -1)
+
+
+def _one_blas_thread():
+    """BLAS rounding depends on its thread count (a Dask worker runs with OMP_NUM_THREADS=1): one
+    thread makes the PCA fit and projection bit-identical wherever a shard runs."""
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 @EMBEDDERS.register("pixels")
@@ -50,24 +57,44 @@ class PixelsEmbedder(Embedder):
         if int(self.dim) < 1:
             raise ConfigError(f"embed.kwargs.dim must be >= 1, got {self.dim}")
         x = _flat(images)
-        self.scaler_ = StandardScaler().fit(x)
-        x = self.scaler_.transform(x).astype(np.float32, copy=False)
+        scaler = StandardScaler().fit(x)
+        x = scaler.transform(x).astype(np.float32, copy=False)
         n_components = min(int(self.dim), x.shape[0], x.shape[1])
-        self.pca_ = PCA(n_components, svd_solver="randomized", random_state=self.random_state).fit(x)
+        with _one_blas_thread():
+            pca = PCA(n_components, svd_solver="randomized", random_state=self.random_state).fit(x)
+        # plain arrays, applied by _embed: they can be stored (get_state) and restored bit for bit
+        self.mean_ = scaler.mean_.astype(np.float32)
+        self.scale_ = scaler.scale_.astype(np.float32)
+        self.components_ = pca.components_.astype(np.float32)
+        self.pca_mean_ = pca.mean_.astype(np.float32)
         self.dim_ = n_components
         self.device_ = "cpu"
         self.info_ = {
             "features": "standardised pixels projected on PCA components fitted on the train split",
             "fitted_on": "train",
-            "explained_variance": float(self.pca_.explained_variance_ratio_.sum()),
+            "explained_variance": float(pca.explained_variance_ratio_.sum()),
         }
         if n_components < int(self.dim):
             self.info_["dim_clipped_from"] = int(self.dim)
         return self
 
     def _embed(self, block: np.ndarray) -> np.ndarray:
-        x = self.scaler_.transform(_flat(block)).astype(np.float32, copy=False)
-        return self.pca_.transform(x).astype(np.float32, copy=False)
+        x = (_flat(block) - self.mean_) / self.scale_
+        with _one_blas_thread():
+            return (x - self.pca_mean_) @ self.components_.T
+
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays = {"mean": self.mean_, "scale": self.scale_, "components": self.components_,
+                  "pca_mean": self.pca_mean_}
+        return arrays, {"info": self.info_}
+
+    def set_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> "PixelsEmbedder":
+        self.mean_, self.scale_ = arrays["mean"], arrays["scale"]
+        self.components_, self.pca_mean_ = arrays["components"], arrays["pca_mean"]
+        self.dim_ = int(self.components_.shape[0])
+        self.device_ = "cpu"
+        self.info_ = dict(meta["info"])
+        return self
 
 
 @EMBEDDERS.register("proxy")
@@ -117,9 +144,10 @@ class ProxyEmbedder(Embedder):
         dev = torch_device(self.device)
         x = images_to_tensor(np.asarray(images), dev)
         y = torch.from_numpy(labels).to(dev)
+        self.net_ = {"n_classes": n_classes, "in_channels": int(x.shape[1]), "width": int(self.width),
+                     "image_size": int(min(x.shape[2], x.shape[3]))}
         with seeded(self.random_state):
-            model = SmallCNN(n_classes, in_channels=x.shape[1], width=int(self.width),
-                             image_size=min(x.shape[2], x.shape[3]))
+            model = SmallCNN(**self.net_)
         model = model.to(dev)
         cfg = FitConfig(epochs=int(self.epochs), batch_size=int(self.batch_size), lr=float(self.lr),
                         seed=int(self.random_state), progress=False, desc="embed proxy")
@@ -140,3 +168,18 @@ class ProxyEmbedder(Embedder):
         dev = next(self.model_.parameters()).device
         feats = predict_features(self.model_, images_to_tensor(block, dev), batch_size=len(block))
         return feats.cpu().numpy().astype(np.float32, copy=False)
+
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays = {k: v.detach().cpu().numpy() for k, v in self.model_.state_dict().items()}
+        return arrays, {"net": self.net_, "info": self.info_}
+
+    def set_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> "ProxyEmbedder":
+        dev = torch_device(self.device)
+        model = SmallCNN(**meta["net"])
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+        self.model_ = model.to(dev).eval()
+        self.net_ = dict(meta["net"])
+        self.dim_ = model.feature_dim
+        self.device_ = str(dev)
+        self.info_ = dict(meta["info"])
+        return self

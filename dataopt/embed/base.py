@@ -5,10 +5,14 @@ norm. ``fit`` sees the train split only (so that test rows never shape the repre
 ``transform`` embeds any rows, block by block so that memory stays bounded. A new backend (OpenCLIP,
 an out-of-fold proxy) subclasses :class:`Embedder`, registers itself in ``EMBEDDERS`` and records what
 a user must know about its features in ``info_`` (copied into ``embed/meta.json``).
+
+The fitted state round-trips through plain arrays (``get_state`` / ``set_state``) so that the embed
+stage can cache it beside its shards (``dataopt.embed.shards``, safetensors, no pickle): a resumed run or
+a remote worker embeds with exactly the state the first run fitted.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -72,6 +76,32 @@ class Embedder:
 
     requires: tuple[str, ...] = ("images",)
     transform_batch_size: int = 512
+
+    @classmethod
+    def resolve_kwargs(cls, kwargs: dict[str, Any], resolve: Callable[[str], Any]) -> dict[str, Any]:
+        """User kwargs with project-relative paths made absolute (``resolve`` = ``Paths.resolve``).
+
+        Called by the stage before building the embedder, so that shard workers get absolute paths.
+        """
+        return dict(kwargs)
+
+    def identity(self) -> dict[str, Any]:
+        """Facts beyond the hyper-parameters that determine the features (e.g. a checkpoint hash).
+
+        Part of the shard fingerprint; must be cheap relative to embedding and JSON-serialisable.
+        """
+        return {}
+
+    def get_state(self) -> Optional[tuple[dict[str, np.ndarray], dict[str, Any]]]:
+        """The fitted state as ``(arrays, meta)`` (numpy arrays + JSON-able facts), or None.
+
+        None means the state cannot be stored; the stage then re-fits (deterministically) to resume.
+        """
+        return None
+
+    def set_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> "Embedder":
+        """Restore what :meth:`get_state` returned (on this instance's ``device``); returns self."""
+        raise NotImplementedError(f"{type(self).__name__} cannot restore a stored state")
 
     def fit(
         self, images: np.ndarray, labels: Optional[np.ndarray] = None, n_classes: Optional[int] = None

@@ -1,5 +1,5 @@
-"""Out-of-fold training dynamics: per-epoch loss, probability, margin and correctness of every train row,
-each scored by a model that never trained on it.
+"""Out-of-fold training dynamics: per-epoch loss, probability, probability and logit margins, correctness,
+error norm and penultimate-feature norm of every train row, each scored by a model that never trained on it.
 
 Stratified K-fold over the train rows; for every fold a fresh model trains on the other folds with
 :func:`dataopt.train.loop.fit`, and its ``on_epoch`` callback scores the held-out fold after every epoch
@@ -20,7 +20,7 @@ from sklearn.model_selection import StratifiedKFold
 from dataopt.embed.base import torch_device
 from dataopt.errors import ConfigError, DataError
 from dataopt.io import save_npz
-from dataopt.train.loop import FitConfig, fit, images_to_tensor, predict_logits, seeded
+from dataopt.train.loop import FitConfig, fit, images_to_tensor, normalise, seeded
 from dataopt.train.nets import Head, SmallCNN
 
 
@@ -36,6 +36,11 @@ class Dynamics:
     p_label : (E, n) float32, probability of the given label
     margin : (E, n) float32, ``p_label`` minus the largest other class probability
     correct : (E, n) bool, argmax equals the given label
+    logit_margin : (E, n) float32, logit of the given label minus the largest other logit (AUM)
+    error_norm : (E, n) float32, ``||p - onehot(label)||_2`` (EL2N at every epoch)
+    feature_norm : (E, n) float32, ``||h||_2`` of the penultimate features ``h`` the final linear layer
+        reads (the standardised embedding for a linear head); with ``error_norm`` it gives GraNd's
+        last-layer closed form without storing the features
     probs : (n, C) float32, probabilities at the last completed epoch
     epochs_completed : int, E (the minimum over folds)
     epochs_per_fold : (folds,) int64, epochs each fold completed before its time budget ran out
@@ -47,6 +52,9 @@ class Dynamics:
     p_label: np.ndarray
     margin: np.ndarray
     correct: np.ndarray
+    logit_margin: np.ndarray
+    error_norm: np.ndarray
+    feature_norm: np.ndarray
     probs: np.ndarray
     epochs_completed: int
     epochs_per_fold: np.ndarray
@@ -57,9 +65,34 @@ class Dynamics:
     @classmethod
     def load(cls, path: str | Path) -> "Dynamics":
         with np.load(path, allow_pickle=False) as z:
+            missing = [f.name for f in fields(cls) if f.name not in z.files]
+            if missing:
+                raise DataError(f"{path} lacks {missing} (written by an older dataopt): "
+                                "rerun the 'perceive' stage")
             kw = {f.name: z[f.name] for f in fields(cls)}
         kw["epochs_completed"] = int(kw["epochs_completed"])
         return cls(**kw)
+
+
+@torch.no_grad()
+def features_and_logits(model: torch.nn.Module, x: torch.Tensor,
+                        batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N,)`` float32 norms of the penultimate features and ``(N, C)`` float32 logits, in one pass.
+
+    ``model`` has ``features`` and a final linear ``fc`` (:class:`Head`, :class:`SmallCNN`); as
+    :func:`dataopt.train.loop.predict_logits`, bfloat16 autocast on CUDA.
+    """
+    model.eval()
+    use_amp = x.device.type == "cuda"
+    norms, logits = [], []
+    for s in range(0, len(x), batch_size):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            h = model.features(normalise(x[s : s + batch_size]))
+            logits.append(model.fc(h).float())
+        norms.append(h.float().norm(dim=1))
+    if not logits:
+        return torch.zeros(0, device=x.device), torch.zeros((0, model.fc.out_features), device=x.device)
+    return torch.cat(norms), torch.cat(logits)
 
 
 def fold_seed(seed: int, fold: int) -> int:
@@ -160,6 +193,9 @@ class OOFDynamics:
         p_label = np.zeros((E, n), np.float32)
         margin = np.zeros((E, n), np.float32)
         correct = np.zeros((E, n), bool)
+        logit_margin = np.zeros((E, n), np.float32)
+        error_norm = np.zeros((E, n), np.float32)
+        feature_norm = np.zeros((E, n), np.float32)
         # without a time budget every fold completes E epochs and only the last epoch's probabilities
         # are needed; with one, the kept epoch is known only after the last fold, so keep them all
         keep_all = self.max_seconds is not None
@@ -188,18 +224,26 @@ class OOFDynamics:
             rows = torch.arange(len(te), device=dev)
 
             def on_epoch(epoch: int, model: torch.nn.Module, te=te, x_te=x_te, y_te=y_te, rows=rows) -> dict:
-                logits = predict_logits(model, x_te)
-                logp = F.log_softmax(logits.float(), dim=1)
+                h_norm, logits = features_and_logits(model, x_te)
+                logp = F.log_softmax(logits, dim=1)
                 p = logp.exp()
                 p_y = p[rows, y_te]
                 other = p.clone()
                 other[rows, y_te] = -1.0
+                z_other = logits.clone()
+                z_other[rows, y_te] = -torch.inf
+                err = p.clone()
+                err[rows, y_te] -= 1.0
                 ok = p.argmax(1) == y_te
                 e = epoch - 1
                 loss[e, te] = (-logp[rows, y_te]).cpu().numpy()
                 p_label[e, te] = p_y.cpu().numpy()
                 margin[e, te] = (p_y - other.max(1).values).cpu().numpy()
                 correct[e, te] = ok.cpu().numpy()
+                # Pleiss et al. 2020 (AUM): the margin of the logits, not of the probabilities
+                logit_margin[e, te] = (logits[rows, y_te] - z_other.max(1).values).cpu().numpy()
+                error_norm[e, te] = err.norm(dim=1).cpu().numpy()
+                feature_norm[e, te] = h_norm.cpu().numpy()
                 if keep_all or epoch == E:
                     probs_at.setdefault(e, np.zeros((n, C), np.float32))[te] = p.cpu().numpy()
                 return {"oof_accuracy": float(ok.float().mean())}
@@ -219,6 +263,8 @@ class OOFDynamics:
             sample_id=np.arange(n, dtype=np.int64) if sample_id is None else np.asarray(sample_id, np.int64),
             fold=fold,
             loss=loss[:e_done], p_label=p_label[:e_done], margin=margin[:e_done], correct=correct[:e_done],
+            logit_margin=logit_margin[:e_done], error_norm=error_norm[:e_done],
+            feature_norm=feature_norm[:e_done],
             probs=probs_at[e_done - 1],
             epochs_completed=e_done,
             epochs_per_fold=np.asarray(epochs_done, np.int64),

@@ -25,11 +25,15 @@ def module(name: str) -> ModuleType:
     return importlib.import_module(f"dataopt.stages.{name}")
 
 
-def run_stage(name: str, params: Params, paths: Paths) -> dict[str, Any]:
-    """Run one stage, write ``artifacts/<name>/metrics.json`` and return its metrics."""
+def run_stage(name: str, params: Params, paths: Paths, **hooks: Any) -> dict[str, Any]:
+    """Run one stage, write ``artifacts/<name>/metrics.json`` and return its metrics.
+
+    ``hooks`` are passed to the stage's ``run`` (e.g. ``map_shards`` for ``embed``: how an
+    orchestrator runs the per-shard work; see ``dataopt.stages.embed``).
+    """
     mod = module(name)
     t0 = time.perf_counter()
-    metrics = dict(mod.run(params, paths) or {})
+    metrics = dict(mod.run(params, paths, **hooks) or {})
     metrics.setdefault("seconds", round(time.perf_counter() - t0, 3))
     if name != "evaluate":  # evaluate writes its own, richer metrics.json
         write_json(paths.stage(name) / "metrics.json", metrics)

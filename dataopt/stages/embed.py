@@ -1,31 +1,70 @@
-"""EMBED stage: every sample's image -> an L2-normalised float16 embedding, plus a kNN graph of the
-train rows.
+"""EMBED stage: every sample's image -> an L2-normalised float16 embedding, class-prompt text embeddings
+(backends with a text tower), and a kNN graph of the train rows.
 
 Writes ``artifacts/embed/``: ``embeddings.npy`` (float16 ``(N, d)``, row i = row i of
-``samples.parquet``, both splits), ``knn.npz`` (``sample_id``: train ids in samples order;
+``samples.parquet``, both splits), ``text_embeddings.npy`` (float16 ``(n_classes, d)``, row c = class
+label c, only for backends with ``encode_classes`` such as ``open_clip``; removed otherwise so that no
+stale file survives a backend change), ``knn.npz`` (``sample_id``: train ids in samples order;
 ``indices``: ``(n_train, k)`` positions into that array, self excluded; ``distances``: float32
-Euclidean, ascending) and ``meta.json`` (backend, kwargs, dims, device, timings, throughput).
+Euclidean, ascending) and ``meta.json`` (backend, kwargs, model, checkpoint hash, dims, device,
+precision, shards, timings, throughput).
+
+Shards, resume and scale-out
+----------------------------
+The rows are embedded in shards of ``embed.shard_size`` rows. The stage
+
+1. fingerprints everything the vectors depend on (backend, its resolved hyper-parameters, the
+   backend's ``identity()`` such as the checkpoint sha256, the sha256 of ``images.npy`` and
+   ``samples.parquet``, N, shard_size, the torch version) -> ``artifacts/embed/shards/<fingerprint>/``;
+2. fits the embedder on the train rows, or restores the fitted state from
+   ``<shard folder>/state.safetensors`` when an earlier (killed) run stored it, and stores it otherwise;
+3. calls ``map_shards(compute_shard, specs)`` for the shards whose ``shard_<i>.npy`` does not exist yet;
+4. assembles the shard files into ``embeddings.npy`` through a memory map (temp file + rename) and
+   removes the shard folder (``embed.keep_shards: true`` keeps it).
+
+``map_shards`` contract (what an orchestrator such as a Prefect task runner or a Dask client
+provides): a callable ``map_shards(fn, specs) -> list`` that calls ``fn(spec)`` once for every spec, in
+any order, anywhere, and returns when all have finished (raising if one raised). ``fn`` is
+:func:`compute_shard`, a top-level (picklable) function; a spec is a plain JSON-able dict holding
+absolute file paths, the backend name and its hyper-parameters, so a worker needs only this package
+and a file system shared with the driver. A worker memory-maps ``images.npy``, restores the fitted
+state from the shard folder (cached per process), embeds its rows and writes its shard atomically;
+a shard file that already exists is skipped, so retries are idempotent. The default is local and
+sequential (:func:`map_local`).
 """
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 import faiss
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 from dataopt.config import Params
-from dataopt.embed import check_finite, knn_search
+from dataopt.embed import check_finite
+from dataopt.embed.duplicates import duplicate_groups
+from dataopt.embed.knn import knn_graph
+from dataopt.embed import shards as shardlib
+from dataopt.embed.base import Embedder
 from dataopt.errors import DataError
-from dataopt.io import load_npy, save_npy, save_npz, write_json
+from dataopt.io import file_digest, load_npy, save_npy, save_npz, write_json
 from dataopt.paths import Paths
 from dataopt.registry import EMBEDDERS, get_params
 from dataopt.schema import SAMPLES_COLUMNS, TRAIN, check_columns, require
 
 INPUTS = ("ingest/samples.parquet", "ingest/images.npy")
-OUTPUTS = ("embed/embeddings.npy", "embed/knn.npz", "embed/meta.json")
+OUTPUTS = ("embed/embeddings.npy", "embed/knn.npz", "embed/meta.json", "embed/duplicates.json")
 PARAMS = ("seed", "embed")
+
+FORMAT_VERSION = 1  # bump when the shard layout or the meaning of a fingerprint part changes
+MapShards = Callable[[Callable[[dict], dict], Sequence[dict]], Sequence[dict]]
 
 
 def read_samples(paths: Paths, columns: list[str], stage: str = "ingest") -> dict[str, np.ndarray]:
@@ -52,7 +91,104 @@ def read_images(paths: Paths, n_rows: int) -> np.ndarray:
     return images
 
 
-def run(params: Params, paths: Paths) -> dict[str, Any]:
+# ---- shard workers -----------------------------------------------------------------------------
+_CACHE: dict[str, Embedder] = {}  # fingerprint -> fitted embedder, one per process (a model may be large)
+_CACHE_LOCK = threading.Lock()
+
+
+def _remember(fp: str, embedder: Embedder) -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+        _CACHE[fp] = embedder
+
+
+def forget() -> None:
+    """Drop this process's cached fitted embedder (frees a loaded model)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _fitted(spec: dict) -> Embedder:
+    """The fitted embedder of ``spec``: this process's cache, else the stored state, else a re-fit."""
+    with _CACHE_LOCK:  # threads of one worker share one model instead of loading it concurrently
+        emb = _CACHE.get(spec["fingerprint"])
+        if emb is not None:
+            return emb
+        emb = EMBEDDERS.get(spec["backend"])(**spec["params"])
+        state = Path(spec["shard_dir"]) / shardlib.STATE_FILE
+        if state.exists():
+            emb.set_state(*shardlib.load_state(state))
+        else:  # a backend without storable state: re-fit, deterministic for the same inputs
+            table = pq.read_table(spec["samples"], columns=["split", "label"])
+            split = table.column("split").to_numpy(zero_copy_only=False)
+            labels = table.column("label").to_numpy().astype(np.int64)
+            train = np.flatnonzero(split == TRAIN)
+            emb.fit(load_npy(spec["images"])[train], labels[train], n_classes=int(labels.max()) + 1)
+        _CACHE.clear()
+        _CACHE[spec["fingerprint"]] = emb
+        return emb
+
+
+def compute_shard(spec: dict) -> dict[str, Any]:
+    """Embed rows ``[spec["start"], spec["stop"])`` and write ``spec["path"]`` (float16) atomically.
+
+    Parameters
+    ----------
+    spec : dict
+        ``index, start, stop, path`` (the shard), ``images, samples, shard_dir`` (absolute paths),
+        ``backend, params`` (the embedder), ``fingerprint``.
+
+    Returns
+    -------
+    dict with ``index``, ``rows``, ``seconds``, ``skipped`` (the file already existed) and
+    ``worker`` (``host:pid`` of the process that ran it).
+
+    Raises
+    ------
+    DataError naming the sample ids when a vector is NaN or infinite (nothing is written).
+    """
+    t0 = time.perf_counter()
+    out = Path(spec["path"])
+    start, stop = int(spec["start"]), int(spec["stop"])
+    result = {"index": int(spec["index"]), "rows": stop - start,
+              "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    if out.exists():
+        return {**result, "seconds": 0.0, "skipped": True}
+    emb = _fitted(spec)
+    x = emb.transform(load_npy(spec["images"])[start:stop])
+    x16 = x.astype(np.float16)
+    if not (np.isfinite(x).all() and np.isfinite(x16).all()):
+        ids = pq.read_table(spec["samples"], columns=["sample_id"]).column(0).to_numpy()[start:stop]
+        check_finite(x, ids)
+        check_finite(x16, ids, what="embeddings (float16)")
+    save_npy(out, x16)
+    return {**result, "seconds": round(time.perf_counter() - t0, 4), "skipped": False}
+
+
+def map_local(fn: Callable[[dict], dict], specs: Sequence[dict]) -> list[dict]:
+    """The default ``map_shards``: run the shards one after the other in this process."""
+    return [fn(s) for s in specs]
+
+
+# ---- the stage ---------------------------------------------------------------------------------
+def _class_names(labels: np.ndarray, names: np.ndarray) -> list[str]:
+    """``names[c]`` for every class label ``c`` in ``0..max(labels)`` (one name per label)."""
+    n_classes = int(labels.max()) + 1
+    out: list[Optional[str]] = [None] * n_classes
+    for c in range(n_classes):  # a loop over classes, not samples
+        found = {v for v in names[labels == c] if v is not None}
+        if len(found) > 1:
+            raise DataError(f"samples.parquet: label {c} has several label_name values {sorted(found)[:5]}")
+        out[c] = found.pop() if found else None
+    missing = [c for c, v in enumerate(out) if v is None]
+    if missing:
+        raise DataError(f"samples.parquet: no label_name for class label(s) {missing[:10]}; text embeddings "
+                        f"need a name per class 0..{n_classes - 1}")
+    return [str(v) for v in out]
+
+
+def run(params: Params, paths: Paths, map_shards: Optional[MapShards] = None) -> dict[str, Any]:
+    """Run the embed stage; ``map_shards`` runs the shard work (see the module docstring)."""
     cfg = params.embed
     seconds: dict[str, float] = {}
     t0 = tic = time.perf_counter()
@@ -63,55 +199,125 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
         seconds[name] = round(now - tic, 4)
         tic = now
 
-    samples = read_samples(paths, ["sample_id", "split", "label"])
+    samples = read_samples(paths, ["sample_id", "split", "label", "label_name"])
     sample_id = samples["sample_id"].astype(np.int64)
     labels = samples["label"].astype(np.int64)
     images = read_images(paths, len(sample_id))
     train_idx = np.flatnonzero(samples["split"] == TRAIN)
     if len(train_idx) < 2:
         raise DataError(f"embed needs at least 2 train rows in samples.parquet; found {len(train_idx)}")
+    n = len(sample_id)
     lap("load")
 
+    kwargs = EMBEDDERS.get(cfg.backend).resolve_kwargs(dict(cfg.kwargs), paths.resolve)
     embedder = EMBEDDERS.build(
-        cfg.backend, cfg.kwargs, random_state=params.seed, device=cfg.device,
+        cfg.backend, kwargs, random_state=params.seed, device=cfg.device,
         transform_batch_size=cfg.batch_size,
     )
-    embedder.fit(images[train_idx], labels[train_idx], n_classes=int(labels.max()) + 1)
+    images_path = paths.artifacts / "ingest" / "images.npy"
+    samples_path = paths.artifacts / "ingest" / "samples.parquet"
+    fp = shardlib.fingerprint({
+        "version": FORMAT_VERSION, "backend": cfg.backend, "params": get_params(embedder),
+        "identity": embedder.identity(), "images_sha256": file_digest(images_path),
+        "samples_sha256": file_digest(samples_path), "n": n, "shard_size": cfg.shard_size,
+        "torch": torch.__version__,
+    })
+    out = paths.stage("embed")
+    shard_dir = out / "shards" / fp
+    state_file = shard_dir / shardlib.STATE_FILE
+    lap("fingerprint")
+
+    fit_reused = state_file.exists()
+    if fit_reused:
+        embedder.set_state(*shardlib.load_state(state_file))
+    else:
+        embedder.fit(images[train_idx], labels[train_idx], n_classes=int(labels.max()) + 1)
+        state = embedder.get_state()
+        if state is not None:
+            shardlib.save_state(state_file, *state)
+    _remember(fp, embedder)
     lap("fit")
-    emb = embedder.transform(images)
-    check_finite(emb, sample_id)
-    emb16 = emb.astype(np.float16)
-    check_finite(emb16, sample_id, what="embeddings (float16)")
+
+    base = {"fingerprint": fp, "backend": cfg.backend, "params": get_params(embedder),
+            "images": str(images_path), "samples": str(samples_path), "shard_dir": str(shard_dir)}
+    ranges = shardlib.plan(n, cfg.shard_size)
+    specs = [{**base, "index": i, "start": s, "stop": e, "path": str(shardlib.shard_path(shard_dir, i))}
+             for i, (s, e) in enumerate(ranges)]
+    pending = [s for s in specs if not Path(s["path"]).exists()]
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        results = list((map_shards or map_local)(compute_shard, pending))
+    finally:
+        forget()
+    missing = [s["path"] for s in specs if not Path(s["path"]).exists()]
+    if missing:
+        raise DataError(f"map_shards returned but {len(missing)} shard file(s) are missing, e.g. {missing[0]}")
+    rows_computed = sum(r["rows"] for r in results if not r.get("skipped"))
     lap("transform")
 
-    # search the stored float16 values so downstream distances agree with embeddings.npy
+    emb16 = shardlib.assemble([Path(s["path"]) for s in specs], out / "embeddings.npy", n)
+    lap("assemble")
+
+    text_path = out / "text_embeddings.npy"
+    has_text = hasattr(embedder, "encode_classes")
+    if has_text:
+        text = embedder.encode_classes(_class_names(labels, samples["label_name"]))
+        text16 = text.astype(np.float16)
+        check_finite(text16, np.arange(len(text16)), what="text embeddings (rows = class labels)")
+        save_npy(text_path, text16)
+    else:
+        text_path.unlink(missing_ok=True)
+    lap("text")
+
     train_sid = sample_id[train_idx]
-    k = min(cfg.knn_k, len(train_idx) - 1)
-    indices, distances = knn_search(emb16[train_idx].astype(np.float32), k)
+    # search the stored float16 values so downstream distances agree with embeddings.npy
+    indices, distances, knn_info = knn_graph(
+        np.asarray(emb16[train_idx], dtype=np.float32), cfg.knn_k, metric="ip",
+        exact_max=cfg.knn_exact_max, nlist=cfg.knn_nlist, nprobe=cfg.knn_nprobe,
+        use_gpu=cfg.knn_device, seed=params.seed)
     lap("knn")
 
-    out = paths.stage("embed")
-    save_npy(out / "embeddings.npy", emb16)
     save_npz(out / "knn.npz", sample_id=train_sid, indices=indices, distances=distances)
+    duplicates = duplicate_groups(indices, distances, cfg.near_duplicate_threshold, train_sid)
+    write_json(out / "duplicates.json", duplicates)
+    if not cfg.keep_shards:
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        if (out / "shards").is_dir() and not any((out / "shards").iterdir()):
+            (out / "shards").rmdir()
     lap("write")
     total = round(time.perf_counter() - t0, 4)
-    embed_seconds = seconds["fit"] + seconds["transform"]
-    images_per_s = round(len(sample_id) / max(embed_seconds, 1e-9), 1)
+    embed_seconds = (0.0 if fit_reused else seconds["fit"]) + seconds["transform"]
+    images_per_s = round(rows_computed / embed_seconds, 1) if rows_computed and embed_seconds > 0 else 0.0
+    info = embedder.info()
     write_json(out / "meta.json", {
         "backend": cfg.backend,
         "kwargs": get_params(embedder),
+        "model": info.get("model"),
+        "pretrained": info.get("pretrained"),
+        "checkpoint_sha256": info.get("checkpoint_sha256"),
+        "precision": info.get("precision", "fp32"),
         "dim": int(emb16.shape[1]),
-        "n": int(len(sample_id)),
+        "n": n,
         "n_train": int(len(train_idx)),
         "device": embedder.device_,
         "dtype": "float16",
         "normalised": "l2",
-        "features": embedder.info(),
-        "knn": {"k": int(k), "k_requested": int(cfg.knn_k), "metric": "euclidean",
-                "index": "faiss.IndexFlatL2 (exact)", "rows": "train"},
+        "features": info,
+        "text_embeddings": bool(has_text),
+        "n_classes": int(labels.max()) + 1,
+        "shards": {"fingerprint": fp, "size": int(cfg.shard_size), "n": len(specs),
+                   "reused": len(specs) - len(pending), "computed": len(pending),
+                   "kept": bool(cfg.keep_shards), "fit_reused": bool(fit_reused),
+                   "workers": sorted({r["worker"] for r in results if not r.get("skipped")})},
+        "knn": {**knn_info, "distance": "euclidean", "rows": "train"},
+        "duplicates": {key: duplicates[key] for key in ("threshold", "n_groups", "n_samples_in_groups")},
         "faiss_version": faiss.__version__,
+        "torch_version": torch.__version__,
         "seconds": {**seconds, "total": total},
+        "rows_embedded": int(rows_computed),
         "images_per_s": images_per_s,
     })
-    return {"dim": int(emb16.shape[1]), "n": int(len(sample_id)), "seconds": total,
-            "images_per_s": images_per_s}
+    return {"dim": int(emb16.shape[1]), "n": n, "seconds": total, "images_per_s": images_per_s,
+            "shards": len(specs), "shards_reused": len(specs) - len(pending),
+            "knn_seconds": seconds["knn"], "near_duplicate_groups": duplicates["n_groups"],
+            "exact_duplicate_groups": duplicates["exact"]["n_groups"]}

@@ -3,6 +3,7 @@
 Writes ``artifacts/perceive/``: ``dynamics.npz`` (see :class:`dataopt.perceive.Dynamics`),
 ``signals.parquet`` (train rows in samples order: sample_id, label, one column per signal; the signal
 catalogue is in the schema metadata under ``dataopt.signals``), ``classes.parquet`` and ``corpus.json``.
+Reads ``embed/text_embeddings.npy`` when the embedder wrote one (semantic consistency by text cosine).
 """
 from __future__ import annotations
 
@@ -48,6 +49,18 @@ def _read_embed(paths: Paths, n_rows: int, train_sid: np.ndarray) -> tuple[np.nd
     return emb, knn
 
 
+def _read_text_embeddings(paths: Paths, dim: int) -> np.ndarray | None:
+    """``(n_classes, d)`` float32 text embeddings of the classes, or None when the embedder has no text."""
+    path = paths.artifacts / "embed" / "text_embeddings.npy"
+    if not path.exists():
+        return None
+    text = np.asarray(load_npy(path), np.float32)
+    if text.ndim != 2 or text.shape[1] != dim:
+        raise DataError(f"{path} has shape {text.shape} but the embeddings have dim {dim}: "
+                        "rerun the 'embed' stage")
+    return text
+
+
 def _optional_int_column(paths: Paths, name: str, rows: np.ndarray) -> np.ndarray | None:
     """``(len(rows),)`` float64 values of a nullable int column of samples.parquet (NaN = null), or
     None when the column is absent."""
@@ -81,11 +94,17 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     dyn = oof.dynamics_
     early_used = min(cfg.early_epochs, dyn.epochs_completed)
 
+    text = _read_text_embeddings(paths, emb_train.shape[1])
     inputs = SignalInputs(labels=labels, dynamics=dyn, embeddings=emb_train,
-                          knn_indices=knn["indices"], knn_distances=knn["distances"])
-    values, catalogue = compute_signals(inputs, cfg.signals, sample_id=sample_id, early_epochs=early_used)
+                          knn_indices=knn["indices"], knn_distances=knn["distances"], text_embeddings=text)
+    t_sig = time.perf_counter()
+    values, catalogue = compute_signals(inputs, cfg.signals, sample_id=sample_id, kwargs=cfg.signal_kwargs,
+                                        early_epochs=early_used)
+    signal_seconds = round(time.perf_counter() - t_sig, 3)
     # the class and corpus summaries need these two, whatever perceive.signals lists
-    base, _ = compute_signals(inputs, ["correct_last", "class_center_distance"], sample_id=sample_id)
+    needed = ("correct_last", "class_center_distance")
+    base, _ = compute_signals(inputs, [k for k in needed if k not in values], sample_id=sample_id)
+    base.update({k: values[k] for k in needed if k in values})
 
     out = paths.stage("perceive")
     dyn.save(out / "dynamics.npz")
@@ -97,11 +116,12 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     names = samples["label_name"][train_idx]
     label_names = {int(lab): str(nm) for lab, nm in zip(labels[::-1], names[::-1])}  # first row wins
     write_parquet(out / "classes.parquet",
-                  class_table(labels, label_names, base["correct_last"], base["class_center_distance"]))
+                  class_table(labels, label_names, base["correct_last"], base["class_center_distance"],
+                              emb_train))
 
     duplicate_of = _optional_int_column(paths, "duplicate_of", train_idx)
     is_duplicate = np.zeros(len(labels), bool) if duplicate_of is None else ~np.isnan(duplicate_of)
-    corpus = corpus_summary(labels, is_duplicate, base["correct_last"],
+    corpus = corpus_summary(labels, is_duplicate, base["correct_last"], dyn.probs,
                             _optional_int_column(paths, "label_clean", train_idx))
     seconds = round(time.perf_counter() - t0, 3)
     corpus.update({
@@ -113,6 +133,8 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
         "folds": cfg.folds,
         "device": oof.device_,
         "seconds": seconds,
+        "signal_seconds": signal_seconds,
+        "semantic_consistency_source": "text_cosine" if text is not None else "oof_probability",
         "signals": catalogue,
     })
     write_json(out / "corpus.json", corpus)

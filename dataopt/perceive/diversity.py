@@ -1,0 +1,32 @@
+"""Diversity of a set of embeddings: the Vendi score (Friedman & Dieng 2023)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def vendi_score(x: np.ndarray) -> float:
+    """Vendi score with the cosine-similarity kernel: ``exp(-sum_k l_k log l_k)`` over the eigenvalues
+    ``l_k`` of ``K / n``, ``K = X_hat X_hat^T`` (rows of ``x`` L2-normalised).
+
+    The effective number of distinct samples: 1 for identical vectors, ``n`` for orthogonal ones.
+    ``K / n`` and ``X_hat^T X_hat / n`` share their non-zero eigenvalues, so the smaller Gram is used:
+    ``O(n min(n, d)^2)`` time, never an ``n x n`` matrix when ``n > d``.
+
+    Parameters
+    ----------
+    x : (n, d) float vectors (zero rows are ignored)
+
+    Returns
+    -------
+    float in ``[1, min(n, d)]``; 0.0 for an empty set.
+    """
+    x = np.asarray(x, np.float64)
+    norms = np.linalg.norm(x, axis=1)
+    x = x[norms > 0] / norms[norms > 0, None]
+    n = len(x)
+    if n == 0:
+        return 0.0
+    gram = (x @ x.T) if n <= x.shape[1] else (x.T @ x)
+    lam = np.clip(np.linalg.eigvalsh(gram / n), 0.0, None)
+    lam = lam[lam > 1e-12]
+    return float(np.exp(-(lam * np.log(lam)).sum()))
