@@ -65,6 +65,10 @@ class IngestParams(Section):
 
 class EmbedParams(Section):
     backend: str = "pixels"
+    # the two settings every model-based backend has, as first-class keys (e.g. open_clip:
+    # `--set embed.model=ViT-B-32 --set embed.pretrained=ckpt.safetensors`); merged into kwargs
+    model: Optional[str] = None
+    pretrained: Optional[str] = None
     kwargs: dict[str, Any] = {}
     knn_k: int = Field(10, ge=1, le=1000)
     knn_exact_max: int = Field(100_000, ge=0)  # exact faiss search up to this many train rows, IVF above
@@ -79,8 +83,16 @@ class EmbedParams(Section):
 
     @model_validator(mode="after")
     def _backend(self) -> "EmbedParams":
-        _check_method("EMBEDDERS", self.backend, self.kwargs)
+        for key in ("model", "pretrained"):
+            if getattr(self, key) is not None and key in self.kwargs:
+                raise ValueError(f"{key} is given twice (embed.{key} and embed.kwargs.{key}); keep one")
+        _check_method("EMBEDDERS", self.backend, self.backend_kwargs())
         return self
+
+    def backend_kwargs(self) -> dict[str, Any]:
+        """``kwargs`` plus ``model`` / ``pretrained`` when set (checked against the backend)."""
+        extra = {k: getattr(self, k) for k in ("model", "pretrained") if getattr(self, k) is not None}
+        return {**self.kwargs, **extra}
 
 
 class PerceiveParams(Section):

@@ -105,3 +105,27 @@ def test_dataopt_run_end_to_end(tmp_path):
     proc = subprocess.run([str(BIN / "dvc"), "repro", "--dry"], cwd=project, capture_output=True,
                           text=True, env=project_env(project))
     assert proc.returncode == 0 and "Running stage" not in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+def test_dataopt_run_with_a_local_openclip_checkpoint(tmp_path, tiny_openclip_checkpoint):
+    # the command: dataopt run --set embed.backend=open_clip --set embed.pretrained=<ckpt>,
+    # offline, on the CPU, with a tiny randomly initialised OpenCLIP model saved by the test
+    name, config_path, checkpoint = tiny_openclip_checkpoint
+    project = make_project(tmp_path / "proj")
+    out, _ = dataopt_run(
+        project, "--set", "embed.backend=open_clip", "--set", f"embed.model={name}",
+        "--set", f"embed.kwargs.model_config={config_path}", "--set", f"embed.pretrained={checkpoint}",
+        "--set", "train.epochs=3", "--set", "perceive.epochs=3", "--set", "perceive.early_epochs=2")
+    assert statuses(out) == {n: "ran" for n in ORDER}, out
+    meta = json.loads((project / "artifacts" / "embed" / "meta.json").read_text())
+    assert meta["backend"] == "open_clip" and meta["model"] == name and meta["text_embeddings"]
+    assert meta["pretrained"] and meta["checkpoint_sha256"] and meta["device"] == "cpu"
+    import numpy as np
+
+    emb = np.load(project / "artifacts" / "embed" / "embeddings.npy", mmap_mode="r")
+    text = np.load(project / "artifacts" / "embed" / "text_embeddings.npy")
+    assert emb.dtype == np.float16 and text.shape == (10, emb.shape[1])
+    corpus = json.loads((project / "artifacts" / "perceive" / "corpus.json").read_text())
+    assert corpus["semantic_consistency_source"].startswith("text")  # image-text cosine was used
+    assert "--set overrides in use" in out  # dvc.lock is not updated for a one-off run

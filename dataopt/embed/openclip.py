@@ -66,13 +66,13 @@ def _register_config(model: str, model_config: Optional[str]) -> None:
             raise ConfigError(f"embed.kwargs.model_config {path} lacks the OpenCLIP keys {missing}")
         if path.stem != model:
             raise ConfigError(f"embed.kwargs.model_config {path} defines model {path.stem!r} "
-                              f"(its file name) but embed.kwargs.model is {model!r}")
+                              f"(its file name) but embed.model is {model!r}")
         if oc.get_model_config(model) != cfg:
             oc.add_model_config(path)
     if model not in oc.list_models():
         names = oc.list_models()
         close = difflib.get_close_matches(model, names, n=6, cutoff=0.3) or names[:6]
-        raise ConfigError(f"unknown OpenCLIP model {model!r} (embed.kwargs.model); e.g. {', '.join(close)} "
+        raise ConfigError(f"unknown OpenCLIP model {model!r} (embed.model); e.g. {', '.join(close)} "
                           f"({len(names)} known: open_clip.list_models()); a custom architecture needs "
                           f"embed.kwargs.model_config=<path to {model}.json>")
 
@@ -98,7 +98,7 @@ def resolve_checkpoint(model: str, pretrained: str, cache_dir: Optional[str] = N
             raise ConfigError(
                 f"could not download the OpenCLIP weights {model!r} / {pretrained!r} "
                 f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); without internet, "
-                f"download the checkpoint elsewhere and set embed.kwargs.pretrained to the local file"
+                f"download the checkpoint elsewhere and set embed.pretrained to the local file"
             ) from None
         if not path or not os.path.isfile(path):
             raise ConfigError(f"OpenCLIP tag {pretrained!r} of model {model!r} resolved to no file ({path!r})")

@@ -209,7 +209,7 @@ def run(params: Params, paths: Paths, map_shards: Optional[MapShards] = None) ->
     n = len(sample_id)
     lap("load")
 
-    kwargs = EMBEDDERS.get(cfg.backend).resolve_kwargs(dict(cfg.kwargs), paths.resolve)
+    kwargs = EMBEDDERS.get(cfg.backend).resolve_kwargs(cfg.backend_kwargs(), paths.resolve)
     embedder = EMBEDDERS.build(
         cfg.backend, kwargs, random_state=params.seed, device=cfg.device,
         transform_batch_size=cfg.batch_size,
