@@ -140,15 +140,88 @@ class AnalyzeParams(Section):
         return self
 
 
+# optimize.steps families -> registry names (dataopt.registry)
+OPTIMIZE_FAMILIES = {"resample": "RESAMPLERS", "weight": "WEIGHTERS", "perturb": "PERTURBERS",
+                     "augment": "AUGMENTERS", "prune": "SELECTORS"}
+
+
+class OptimizeStep(Section):
+    """One step of ``optimize.steps``: ``{family, method, kwargs}`` (+ ``ratio`` or ``n_keep`` for prune)."""
+
+    family: str
+    method: str
+    kwargs: dict[str, Any] = {}
+    ratio: Optional[float] = Field(None, gt=0.0, le=1.0)  # prune: share of the ORIGINAL train set kept
+    n_keep: Optional[int] = Field(None, ge=1)  # prune: count of the original train set kept
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ConfigError(f"optimize.steps: each step is a mapping like {{family: prune, method: "
+                              f"moderate, ratio: 0.5}}, got {data!r}")
+        unknown = sorted(set(data) - set(cls.model_fields))
+        if unknown:
+            raise ConfigError(f"optimize.steps: unknown step key(s) {unknown}; valid: "
+                              f"{', '.join(cls.model_fields)}")
+        return data
+
+    @model_validator(mode="after")
+    def _step(self) -> "OptimizeStep":
+        from dataopt import registry
+
+        where = f"optimize.steps ({self.family} {self.method})"
+        if self.family not in OPTIMIZE_FAMILIES:
+            raise ConfigError(f"optimize.steps: unknown family {self.family!r}; "
+                              f"valid: {', '.join(OPTIMIZE_FAMILIES)}")
+        reg_name = OPTIMIZE_FAMILIES[self.family]
+        try:  # unknown method/kwarg: the registry's message lists the valid ones
+            _check_method(reg_name, self.method, self.kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"optimize.steps ({self.family}): {exc}") from None
+        for name in ("ratio", "n_keep", "random_state", "keep"):
+            if name in self.kwargs:
+                raise ConfigError(f"{where}: kwargs.{name} is not a kwarg; "
+                                  + ("give it as the step's own key" if name in ("ratio", "n_keep")
+                                     else "it is set by the optimize stage"))
+        for name in ("ratio", "n_keep"):
+            if getattr(self, name) is None:
+                continue
+            if self.family != "prune":
+                raise ConfigError(f"{where}: {name} is only valid for family 'prune'")
+            cls = getattr(registry, reg_name).get(self.method)
+            if name not in registry.hyperparameters(cls):
+                raise ConfigError(f"{where}: method {self.method!r} takes no {name}; its kwargs: "
+                                  f"{', '.join(registry.hyperparameters(cls)) or '(none)'}")
+        if self.ratio is not None and self.n_keep is not None:
+            raise ConfigError(f"{where}: give ratio or n_keep, not both")
+        return self
+
+
 class OptimizeParams(Section):
     method: str = "moderate"
     ratio: float = Field(1.0, gt=0.0, le=1.0)
     kwargs: dict[str, Any] = {}
     weighting: str = "p_clean"
     weighting_kwargs: dict[str, Any] = {}
+    # an ordered list of steps across the five families; when given it REPLACES the simple keys above
+    steps: Optional[list[OptimizeStep]] = None
+
+    def plan_steps(self) -> list[OptimizeStep]:
+        """The steps the stage runs: ``steps``, or the simple keys as [prune method, weight weighting]."""
+        if self.steps is not None:
+            return list(self.steps)
+        from dataopt import registry
+
+        takes_ratio = "ratio" in registry.hyperparameters(registry.SELECTORS.get(self.method))
+        return [OptimizeStep(family="prune", method=self.method, kwargs=self.kwargs,
+                             ratio=self.ratio if takes_ratio else None),
+                OptimizeStep(family="weight", method=self.weighting, kwargs=self.weighting_kwargs)]
 
     @model_validator(mode="after")
     def _methods(self) -> "OptimizeParams":
+        if self.steps is not None and len(self.steps) == 0:
+            raise ValueError("steps: give at least one step, or null to use method/ratio/weighting")
         # ratio and the seed come from optimize.ratio and the top-level seed, never from kwargs
         for key, kw in (("kwargs", self.kwargs), ("weighting_kwargs", self.weighting_kwargs)):
             for name, where in (("ratio", "optimize.ratio"), ("random_state", "the top-level seed")):

@@ -131,3 +131,21 @@ class Embedder:
     def info(self) -> dict[str, Any]:
         """Facts about the fitted features for ``meta.json``."""
         return dict(getattr(self, "info_", {}))
+
+    def class_probs(self, images: np.ndarray, train_idx: np.ndarray) -> Optional[dict[str, np.ndarray]]:
+        """Optional extra output: class probabilities of every row, or None (the default: none).
+
+        Called by the embed stage once the embedder is fitted (or restored from its stored state), with
+        ``images`` ``(N, H, W, 3)`` uint8 (every row of ``samples.parquet``, possibly memory-mapped)
+        and ``train_idx`` the positions of the train rows, in the order ``fit`` saw them. A backend
+        that returns something must return the same arrays after :meth:`set_state` as after
+        :meth:`fit` (a resumed run writes the same file).
+
+        Returns
+        -------
+        None, or a dict with ``probs`` ``(N, C)`` float32 (rows sum to 1), ``fold`` ``(N,)`` int64
+        (the K-fold fold a train row was held out of; -1 for a row outside the folds, e.g. a test row)
+        and ``out_of_fold`` ``(N,)`` bool (True: a train row scored only by the model of the fold
+        that held it out). The stage writes it as ``embed/proxy_probs.npz``.
+        """
+        return None

@@ -1,16 +1,27 @@
-"""optimize: decide per training sample whether to keep it and with which weight.
+"""optimize: decide, per training sample, whether it is kept, how much it weighs, how often it is
+drawn, how strongly it is augmented and with which label it is trained - and record why.
 
-Subpackages by family (DESIGN.md layout): ``prune`` (``SELECTORS``), ``weight`` (``WEIGHTERS``).
-Importing this package registers them.
+Subpackages by family (DESIGN.md layout), each filling its registry on import: ``prune``
+(``SELECTORS``), ``weight`` (``WEIGHTERS``), ``resample`` (``RESAMPLERS``), ``perturb``
+(``PERTURBERS``), ``augment`` (``AUGMENTERS``). :mod:`dataopt.optimize.plan` composes an ordered list
+of steps across the families into one plan.
 
-The protocol the optimize stage relies on (a new family member only has to follow it):
+The protocol every method follows (issue 5 contract):
 
-- ``requires``: names of the ``fit`` keyword arguments; the stage loads exactly those
-  (``labels``, ``embeddings``, ``signals``, ``p_clean``; a new input is one loader in
-  ``dataopt.stages.optimize``).
-- selectors are built with ``ratio`` and ``random_state`` and end with ``keep_`` (n,) bool;
-  weighters end with ``weight_`` (n,) float.
-- both end with ``reason_`` (n,) str (built vectorised; "" = nothing to say) and ``summary_`` (dict
-  with ``counts``, copied into plan.json's ``steps``).
+- ``requires``: names of the ``fit`` keyword arguments; the optimize stage loads exactly those
+  (:data:`dataopt.stages.optimize.INPUT_NAMES`; a new input is one loader there). ``fit`` may also
+  take ``keep`` ((n,) bool, the rows still kept before this step).
+- fitted state by family: prune ``keep_`` (n,) bool; weight ``weight_`` (n,) float >= 0; resample
+  ``sampling_weight_`` (n,) float >= 0; perturb ``new_label_`` (n,) int and/or ``train_`` dict of
+  training directives; augment ``augment_magnitude_`` (n,) in [0, 1] and/or ``augment_`` dict.
+- ``reason_`` (n,) str built vectorised ("" = nothing to say) and ``summary_`` (dict, with ``counts``,
+  copied into plan.json ``steps``); both optional (the plan writes a generic reason without them).
 """
-from dataopt.optimize import prune, weight  # noqa: F401  (registers SELECTORS, WEIGHTERS)
+import importlib
+import importlib.util
+
+FAMILY_PACKAGES = ("prune", "weight", "resample", "perturb", "augment")
+
+for _name in FAMILY_PACKAGES:  # a family package that does not exist yet is simply not registered
+    if importlib.util.find_spec(f"{__name__}.{_name}") is not None:
+        importlib.import_module(f"{__name__}.{_name}")

@@ -6,8 +6,12 @@ Writes ``artifacts/embed/``: ``embeddings.npy`` (float16 ``(N, d)``, row i = row
 label c, only for backends with ``encode_classes`` such as ``open_clip``; removed otherwise so that no
 stale file survives a backend change), ``knn.npz`` (``sample_id``: train ids in samples order;
 ``indices``: ``(n_train, k)`` positions into that array, self excluded; ``distances``: float32
-Euclidean, ascending) and ``meta.json`` (backend, kwargs, model, checkpoint hash, dims, device,
-precision, shards, timings, throughput).
+Euclidean, ascending), ``proxy_probs.npz`` (only for backends whose ``class_probs`` returns
+probabilities, such as ``proxy`` with ``folds`` >= 2; removed otherwise: ``sample_id`` ``(N,)`` in samples
+order, ``probs`` float32 ``(N, C)``, ``fold`` int64 ``(N,)`` (-1 for test rows), ``out_of_fold`` bool
+``(N,)``: train rows are scored only by the fold model that held them out, test rows by the mean of the
+fold models) and ``meta.json`` (backend, kwargs, model, checkpoint hash, dims, device, precision, shards,
+timings, throughput, ``proxy_probs``: folds, out-of-fold accuracy of the train rows, path).
 
 Shards, resume and scale-out
 ----------------------------
@@ -17,7 +21,9 @@ The rows are embedded in shards of ``embed.shard_size`` rows. The stage
    backend's ``identity()`` such as the checkpoint sha256, the sha256 of ``images.npy`` and
    ``samples.parquet``, N, shard_size, the torch version) -> ``artifacts/embed/shards/<fingerprint>/``;
 2. fits the embedder on the train rows, or restores the fitted state from
-   ``<shard folder>/state.safetensors`` when an earlier (killed) run stored it, and stores it otherwise;
+   ``<shard folder>/state.safetensors`` when an earlier (killed) run stored it, and stores it otherwise
+   (for ``proxy`` this includes the K fold models and the fold of every train row, so a resumed run
+   writes the same ``proxy_probs.npz``);
 3. calls ``map_shards(compute_shard, specs)`` for the shards whose ``shard_<i>.npy`` does not exist yet;
 4. assembles the shard files into ``embeddings.npy`` through a memory map (temp file + rename) and
    removes the shard folder (``embed.keep_shards: true`` keeps it).
@@ -187,6 +193,33 @@ def _class_names(labels: np.ndarray, names: np.ndarray) -> list[str]:
     return [str(v) for v in out]
 
 
+def _write_class_probs(embedder: Embedder, images: np.ndarray, train_idx: np.ndarray, sample_id: np.ndarray,
+                       labels: np.ndarray, path: Path) -> Optional[dict[str, Any]]:
+    """Write the backend's ``class_probs`` to ``path`` (or remove a stale file); the ``meta.json`` entry.
+
+    Returns None when the backend emits no probabilities, else ``folds``, ``oof_accuracy`` (argmax of
+    the out-of-fold rows against their given label), ``n_out_of_fold`` and ``path``.
+    """
+    extra = embedder.class_probs(images, train_idx)
+    if extra is None:
+        path.unlink(missing_ok=True)
+        return None
+    probs = np.asarray(extra["probs"], dtype=np.float32)
+    fold = np.asarray(extra["fold"], dtype=np.int64)
+    oof = np.asarray(extra["out_of_fold"], dtype=bool)
+    n = len(sample_id)
+    if probs.ndim != 2 or len(probs) != n or fold.shape != (n,) or oof.shape != (n,):
+        raise DataError(f"embed backend returned class probabilities of shape {probs.shape} "
+                        f"(fold {fold.shape}, out_of_fold {oof.shape}) for {n} rows")
+    check_finite(probs, sample_id, what="proxy class probabilities")
+    save_npz(path, sample_id=sample_id, probs=probs, fold=fold, out_of_fold=oof)
+    hit = probs[oof].argmax(1) == labels[oof]
+    return {"path": "embed/proxy_probs.npz", "folds": int(len(np.unique(fold[fold >= 0]))),
+            "oof_accuracy": round(float(hit.mean()), 6) if len(hit) else None,
+            "n_out_of_fold": int(oof.sum()),
+            "rows": "train: out-of-fold (the fold model that held the row out); test: mean of the fold models"}
+
+
 def run(params: Params, paths: Paths, map_shards: Optional[MapShards] = None) -> dict[str, Any]:
     """Run the embed stage; ``map_shards`` runs the shard work (see the module docstring)."""
     cfg = params.embed
@@ -269,6 +302,9 @@ def run(params: Params, paths: Paths, map_shards: Optional[MapShards] = None) ->
         text_path.unlink(missing_ok=True)
     lap("text")
 
+    probs_meta = _write_class_probs(embedder, images, train_idx, sample_id, labels, out / "proxy_probs.npz")
+    lap("probs")
+
     train_sid = sample_id[train_idx]
     # search the stored float16 values so downstream distances agree with embeddings.npy
     indices, distances, knn_info = knn_graph(
@@ -304,6 +340,7 @@ def run(params: Params, paths: Paths, map_shards: Optional[MapShards] = None) ->
         "normalised": "l2",
         "features": info,
         "text_embeddings": bool(has_text),
+        "proxy_probs": probs_meta,
         "n_classes": int(labels.max()) + 1,
         "shards": {"fingerprint": fp, "size": int(cfg.shard_size), "n": len(specs),
                    "reused": len(specs) - len(pending), "computed": len(pending),
@@ -317,7 +354,10 @@ def run(params: Params, paths: Paths, map_shards: Optional[MapShards] = None) ->
         "rows_embedded": int(rows_computed),
         "images_per_s": images_per_s,
     })
-    return {"dim": int(emb16.shape[1]), "n": n, "seconds": total, "images_per_s": images_per_s,
-            "shards": len(specs), "shards_reused": len(specs) - len(pending),
-            "knn_seconds": seconds["knn"], "near_duplicate_groups": duplicates["n_groups"],
-            "exact_duplicate_groups": duplicates["exact"]["n_groups"]}
+    metrics = {"dim": int(emb16.shape[1]), "n": n, "seconds": total, "images_per_s": images_per_s,
+               "shards": len(specs), "shards_reused": len(specs) - len(pending),
+               "knn_seconds": seconds["knn"], "near_duplicate_groups": duplicates["n_groups"],
+               "exact_duplicate_groups": duplicates["exact"]["n_groups"]}
+    if probs_meta is not None and probs_meta["oof_accuracy"] is not None:
+        metrics["proxy_oof_accuracy"] = probs_meta["oof_accuracy"]
+    return metrics

@@ -1,4 +1,5 @@
-"""train stage: the model trained on what the optimisation plan keeps, weights and relabels.
+"""train stage: the model trained on what the optimisation plan keeps, weights, draws, augments and
+relabels, with plan.json's training directives (loss) and augmentation policy.
 
 Writes ``artifacts/train/model/{model.safetensors,config.json}`` and ``artifacts/train/history.json``
 (one row per epoch: epoch, loss, samples_seen, steps, seconds, lr).
@@ -11,14 +12,14 @@ import pandas as pd
 
 from dataopt.config import Params
 from dataopt.errors import DataError
-from dataopt.io import load_npy, write_json
+from dataopt.io import load_npy, read_json, write_json
 from dataopt.paths import Paths
 from dataopt.schema import require
 from dataopt.train import loop
 from dataopt.train.checkpoint import save_model
 from dataopt.train.trainer import train_model, train_set_from_plan
 
-INPUTS = ("ingest/samples.parquet", "ingest/images.npy", "optimize/plan.parquet")
+INPUTS = ("ingest/samples.parquet", "ingest/images.npy", "optimize/plan.parquet", "optimize/plan.json")
 OUTPUTS = ("train/model", "train/history.json")
 PARAMS = ("seed", "train")
 
@@ -32,7 +33,10 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     images = load_npy(images_path)
     if len(images) != len(samples):
         raise DataError(f"{images_path}: {len(images)} rows but samples.parquet has {len(samples)}")
-    ts = train_set_from_plan(samples, pd.read_parquet(plan_path), plan_path)
+    # plan.json carries the `train` / `augment` directives; a plan written without it trains as before
+    json_path = art / "optimize" / "plan.json"
+    plan_json = read_json(json_path) if json_path.exists() else None
+    ts = train_set_from_plan(samples, pd.read_parquet(plan_path), plan_path, plan_json)
 
     tp = params.train
     device = loop.resolve_device(tp.device)
@@ -53,5 +57,8 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
         "n_classes": ts.n_classes,
         "n_augmented": 0 if ts.augment_magnitudes is None else int((ts.augment_magnitudes > 0).sum()),
         "sampling": "uniform" if ts.sampling_weights is None else "weighted",
+        "augment_policy": "+".join(v["policy"] for k, v in ts.augment.items() if k in ("image", "mix"))
+        or "none",
+        "train_directives": ",".join(sorted(ts.train_directives)) or "none",
         "device": device.type,
     }

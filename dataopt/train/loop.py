@@ -118,6 +118,8 @@ def fit(
     on_epoch: Optional[Callable[[int, nn.Module], Optional[dict]]] = None,
     sampling_weights: Optional[torch.Tensor] = None,
     augment_magnitudes: Optional[torch.Tensor] = None,
+    loss_fn: Optional[Callable[..., torch.Tensor]] = None,
+    augment_fn: Optional[Callable[..., torch.Tensor]] = None,
 ) -> list[dict]:
     """Train ``model`` on ``x`` (uint8 images or float features, on the model's device).
 
@@ -136,6 +138,16 @@ def fit(
         Extra per-sample translation on top of ``cfg.augment``: sample i moves by up to
         ``ceil(m_i * pad)`` more px (``pad = max(1, W // 8)``); 0 = the ``cfg.augment`` default only.
         Flips stay governed by ``cfg.augment`` alone (a flip is not label-preserving for every dataset).
+    loss_fn : callable, optional
+        ``loss_fn(logits (B, C) float, targets (B,), weights (B,), epoch (1-based), indices (B,))`` ->
+        scalar batch loss (e.g. :func:`dataopt.train.losses.make_loss`); ``weights`` are the
+        mean-1 normalised loss weights. None (default): weighted cross-entropy with
+        ``cfg.label_smoothing``.
+    augment_fn : callable, optional
+        ``augment_fn(xb (B, ...) as stored in x, indices (B,), epoch (1-based), gen) -> (B, ...) float``
+        model input (normalised): replaces the built-in ``cfg.augment`` / ``augment_magnitudes``
+        handling (e.g. :class:`dataopt.optimize.augment.BatchAugmenter`); draw randomness from ``gen``.
+        None (default): the built-in path.
 
     Returns
     -------
@@ -180,7 +192,9 @@ def fit(
         for s in range(steps_per_epoch):
             idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
             xb = x[idx]
-            if is_image and (cfg.augment != "none" or mags is not None):
+            if augment_fn is not None:
+                xb = augment_fn(xb, idx, epoch + 1, gen)
+            elif is_image and (cfg.augment != "none" or mags is not None):
                 pad = max(1, xb.shape[-1] // 8)
                 flip = cfg.augment == "flip_crop"
                 if mags is None:
@@ -195,10 +209,13 @@ def fit(
                 xb = normalise(xb)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = model(xb)
-            losses = F.cross_entropy(
-                logits.float(), y[idx], reduction="none", label_smoothing=cfg.label_smoothing
-            )
-            loss = (losses * w[idx]).sum() / len(idx)
+            if loss_fn is None:
+                losses = F.cross_entropy(
+                    logits.float(), y[idx], reduction="none", label_smoothing=cfg.label_smoothing
+                )
+                loss = (losses * w[idx]).sum() / len(idx)
+            else:
+                loss = loss_fn(logits.float(), y[idx], w[idx], epoch + 1, idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

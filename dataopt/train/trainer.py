@@ -3,13 +3,18 @@
 The plan (``optimize/plan.parquet``) decides, per training sample, whether it is trained on (``keep``),
 with which label (``new_label``), which loss weight (``weight``), how often it is drawn
 (``sampling_weight``, a weighted sampler with replacement) and how strongly it is augmented
-(``augment_magnitude``: extra random translation on top of ``train.augment``, see
-:func:`dataopt.train.loop.fit`). Dynamic, per-epoch selection (issue 6) plugs in at
-:func:`train_model`, which owns the call to the shared loop.
+(``augment_magnitude``). plan.json adds two directives: ``train`` (loss directives from perturbers
+and weighters, turned into the loss by :func:`dataopt.train.losses.make_loss`) and ``augment`` (the
+policy: ``image`` - a torchvision v2 policy applied per batch on the device, with the per-sample
+magnitude; ``mix`` - MixUp/CutMix, trained with the mixup criterion ``lam L(y_i) + (1 - lam)
+L(y_{i-1})``, i.e. cross-entropy on the soft targets; ``features`` - for head-only training, not
+applied to images). Without an ``augment`` policy, ``augment_magnitude`` is extra random translation
+on top of ``train.augment`` (see :func:`dataopt.train.loop.fit`). Dynamic, per-epoch selection
+(issue 6) plugs in at :func:`train_model`, which owns the call to the shared loop.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,6 +42,8 @@ class TrainSet:
     augment_magnitudes : (n_kept,) float64 in [0, 1], or None when all are 0
     n_total : number of training rows before the plan's ``keep``
     class_names : names indexed by label
+    train_directives : plan.json ``train`` (loss directives; {} = plain cross-entropy)
+    augment : plan.json ``augment`` (policy slots ``image``, ``mix``, ``features``; {} = none)
     """
 
     rows: np.ndarray
@@ -46,6 +53,8 @@ class TrainSet:
     augment_magnitudes: Optional[np.ndarray]
     n_total: int
     class_names: list[str]
+    train_directives: dict = field(default_factory=dict)
+    augment: dict = field(default_factory=dict)
 
     @property
     def n_kept(self) -> int:
@@ -76,7 +85,8 @@ def _finite_in(values: np.ndarray, lo: float, hi: float) -> bool:
     return bool(np.isfinite(values).all() and (values >= lo).all() and (values <= hi).all())
 
 
-def train_set_from_plan(samples: pd.DataFrame, plan: pd.DataFrame, plan_path: Path | str) -> TrainSet:
+def train_set_from_plan(samples: pd.DataFrame, plan: pd.DataFrame, plan_path: Path | str,
+                        plan_json: Optional[dict] = None) -> TrainSet:
     """Check ``plan`` against the training rows of ``samples`` and collect what is trained on.
 
     Parameters
@@ -85,6 +95,7 @@ def train_set_from_plan(samples: pd.DataFrame, plan: pd.DataFrame, plan_path: Pa
     plan : the plan table (``dataopt.schema.PLAN_COLUMNS``), one row per training sample in
         samples order
     plan_path : named in error messages
+    plan_json : the parsed plan.json, optional; its ``train`` and ``augment`` directives are kept
 
     Raises
     ------
@@ -130,7 +141,51 @@ def train_set_from_plan(samples: pd.DataFrame, plan: pd.DataFrame, plan_path: Pa
         augment_magnitudes=None if (mag == 0).all() else mag,
         n_total=len(train_pos),
         class_names=class_names(samples, int(labels.max()) + 1),
+        train_directives=dict((plan_json or {}).get("train") or {}),
+        augment=dict((plan_json or {}).get("augment") or {}),
     )
+
+
+def _make_loss():
+    """``dataopt.train.losses.make_loss``, imported when a plan asks for training directives."""
+    try:
+        from dataopt.train.losses import make_loss
+    except ImportError as exc:  # pragma: no cover - the module ships with the package
+        from dataopt.errors import ConfigError
+
+        raise ConfigError(f"plan.json has training directives but dataopt.train.losses is "
+                          f"unavailable ({exc})") from None
+    return make_loss
+
+
+def plan_training(ts: TrainSet, tp: Any) -> tuple[Optional[Any], Optional[Any], bool]:
+    """The ``(loss_fn, augment_fn, magnitudes_in_augment_fn)`` that honour plan.json for ``loop.fit``.
+
+    ``loss_fn``: :func:`dataopt.train.losses.make_loss` on ``ts.train_directives`` (plus
+    ``train.label_smoothing`` when the plan sets none; the class prior is the kept label
+    frequencies), wrapped in the mixup criterion when the plan mixes batches; None = the loop default.
+    ``augment_fn``: a :class:`dataopt.optimize.augment.BatchAugmenter` when the plan has an ``image``
+    or ``mix`` policy (it then owns ``train.augment`` and the per-sample magnitudes); None otherwise.
+    """
+    loss_fn = None
+    if ts.train_directives:
+        directives = dict(ts.train_directives)
+        if tp.label_smoothing and "label_smoothing" not in directives:
+            directives["label_smoothing"] = tp.label_smoothing
+        prior = np.bincount(ts.labels, minlength=ts.n_classes) / max(1, ts.n_kept)
+        loss_fn = _make_loss()(directives, ts.n_classes, prior.tolist())
+    policies = {k: v for k, v in ts.augment.items() if k in ("image", "mix")}
+    if not policies:
+        return loss_fn, None, False
+    from dataopt.optimize.augment.batch import BatchAugmenter, default_loss
+
+    mags = None if ts.augment_magnitudes is None else torch.from_numpy(ts.augment_magnitudes)
+    if mags is None and "image" in policies:
+        mags = torch.zeros(ts.n_kept, dtype=torch.float64)  # the plan says magnitude 0 everywhere
+    augmenter = BatchAugmenter(policies, mags, base=tp.augment, n_classes=ts.n_classes)
+    if augmenter.mixing is not None:
+        loss_fn = augmenter.mixed_loss(loss_fn or default_loss(tp.label_smoothing))
+    return loss_fn, augmenter, True
 
 
 def build_model(
@@ -189,9 +244,11 @@ def train_model(
         weight_decay=tp.weight_decay, label_smoothing=tp.label_smoothing, augment=tp.augment,
         seed=seed, progress=progress, desc="train",
     )
+    loss_fn, augment_fn, owns_magnitudes = plan_training(ts, tp)
     history = loop.fit(
         model, x, y, cfg, weights=opt(ts.weights), sampling_weights=opt(ts.sampling_weights),
-        augment_magnitudes=opt(ts.augment_magnitudes),
+        augment_magnitudes=None if owns_magnitudes else opt(ts.augment_magnitudes),
+        loss_fn=loss_fn, augment_fn=augment_fn,
     )
     config = {
         "model": tp.model,
