@@ -214,8 +214,10 @@ class OptimizeParams(Section):
         from dataopt import registry
 
         takes_ratio = "ratio" in registry.hyperparameters(registry.SELECTORS.get(self.method))
-        return [OptimizeStep(family="prune", method=self.method, kwargs=self.kwargs,
-                             ratio=self.ratio if takes_ratio else None),
+        # ratio 1.0 (the default) is "no budget": a threshold selector (noise_filter,
+        # semantic_dedup) then applies its threshold; budget selectors keep every candidate either way
+        budget = self.ratio if takes_ratio and self.ratio < 1.0 else None
+        return [OptimizeStep(family="prune", method=self.method, kwargs=self.kwargs, ratio=budget),
                 OptimizeStep(family="weight", method=self.weighting, kwargs=self.weighting_kwargs)]
 
     @model_validator(mode="after")

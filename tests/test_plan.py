@@ -278,3 +278,14 @@ def test_directives_of_weighters_reach_the_plan(project):
     assert summary["train"] == {"focal": {"gamma": 2.0}, "label_smoothing": 0.05}
     assert summary["steps"][0]["train"] == {"focal": {"gamma": 2.0}}
     assert (plan["weight"] == 1.0).all()
+
+
+def test_simple_form_lets_a_threshold_selector_use_its_threshold(project):
+    # optimize.method=noise_filter with the default ratio 1.0 filters by p_clean, not "keep all"
+    params = Params().model_copy(update={"optimize": validate(
+        {"optimize": {"method": "noise_filter", "kwargs": {"threshold": 0.5}}}).optimize})
+    run_stage("optimize", params, project)
+    plan, _ = read_plan(project)
+    p_clean = pd.read_parquet(project.artifacts / "analyze" / "analysis.parquet")["p_clean"]
+    np.testing.assert_array_equal(plan["keep"], p_clean >= 0.5)
+    assert 0 < plan["keep"].sum() < len(plan)
