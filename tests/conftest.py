@@ -184,3 +184,15 @@ def write_signals_project(root, n_train=300, n_test=60, n_classes=4, dim=16, noi
     save_npz(paths.stage("embed") / "knn.npz", sample_id=ids[tr], indices=ind[:, 1:],
              distances=dist[:, 1:].astype(np.float32))
     return paths
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks run faster on one torch thread, much faster when the CPU is shared; restored
+    after the module (use: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,13 +24,7 @@ from dataopt.train import load_model, loop
 EPOCHS, WIDTH = 4, 16  # small and quick; still >= 0.9 test accuracy on digits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny networks run faster on one thread, and much faster when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
