@@ -225,8 +225,22 @@ def _missing_column(path: Path, column: str, what: str, available: list[str]) ->
     return DataError(f"{path}: no column {column!r} (ingest.{what}); available: {', '.join(available)}")
 
 
+class _TableSource(_Source):
+    """A table file (``path``) and an optional held-out table of the same layout (``eval_path``);
+    subclasses implement ``_part(file, part, split, label_column) -> DataFrame``."""
+
+    def read(self) -> RawRows:
+        root = Path(self.root)
+        parts = [self._part(_user_path(self.path, root, "path"), 0, "train" if self.eval_path else None,
+                            self.label_column)]
+        if self.eval_path:
+            parts.append(self._part(_user_path(self.eval_path, root, "eval_path"), 1, "test",
+                                    self.eval_label_column or self.label_column))
+        return RawRows(concat(parts))
+
+
 @SOURCES.register("parquet")
-class ParquetSource(_Source):
+class ParquetSource(_TableSource):
     """A Parquet table: image bytes (``image_column``) or paths (``path_column``, relative to the
     file's folder), labels (``label_column``, int or string) and optional name/id/clean-label columns.
 
@@ -296,18 +310,9 @@ class ParquetSource(_Source):
             cols["data"] = col[payload]
         return make_frame(n, **cols)
 
-    def read(self) -> RawRows:
-        root = Path(self.root)
-        parts = [self._part(_user_path(self.path, root, "path"), 0, "train" if self.eval_path else None,
-                            self.label_column)]
-        if self.eval_path:
-            parts.append(self._part(_user_path(self.eval_path, root, "eval_path"), 1, "test",
-                                    self.eval_label_column or self.label_column))
-        return RawRows(concat(parts))
-
 
 @SOURCES.register("csv")
-class CsvSource(_Source):
+class CsvSource(_TableSource):
     """A CSV manifest with columns ``path,label[,id]`` (paths relative to the CSV's folder).
 
     Column names follow ``path_column`` (default ``path``), ``label_column``, ``id_column`` (default
@@ -359,12 +364,3 @@ class CsvSource(_Source):
             label_name=text(self.label_name_column),
             file=[c[0] for c in checked], reason=[c[1] for c in checked], detail=[c[2] for c in checked],
         )
-
-    def read(self) -> RawRows:
-        root = Path(self.root)
-        parts = [self._part(_user_path(self.path, root, "path"), 0, "train" if self.eval_path else None,
-                            self.label_column)]
-        if self.eval_path:
-            parts.append(self._part(_user_path(self.eval_path, root, "eval_path"), 1, "test",
-                                    self.eval_label_column or self.label_column))
-        return RawRows(concat(parts))
