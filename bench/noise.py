@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from common import stratified_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
@@ -52,18 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     return ap.parse_args(argv)
-
-
-def stratified_subset(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """Sorted row positions of a class-stratified subset of ``n`` rows (all rows when n = 0)."""
-    if n <= 0 or n >= len(labels):
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(labels, return_counts=True)
-    take = np.floor(counts / counts.sum() * n).astype(int)
-    take[: n - take.sum()] += 1
-    rows = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, take)]
-    return np.sort(np.concatenate(rows))
 
 
 def metrics(truth: np.ndarray, flags: np.ndarray, score: np.ndarray, est: float) -> dict[str, float]:
