@@ -196,3 +196,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def map_interrupted_after_two(fn, specs):
+    """A ``map_shards`` for the embed stage whose run dies (KeyboardInterrupt) after two shards."""
+    for spec in specs[:2]:
+        fn(spec)
+    raise KeyboardInterrupt
+
+
+def map_fresh_workers(fn, specs):
+    """A ``map_shards`` that runs each shard as a remote worker would: a pickled function and spec,
+    no model in memory (the fitted state comes from the shard folder on disk)."""
+    import pickle
+
+    from dataopt.stages import embed as embed_stage
+
+    out = []
+    for spec in specs:
+        embed_stage.forget()
+        out.append(pickle.loads(pickle.dumps(fn))(pickle.loads(pickle.dumps(spec))))
+    return out

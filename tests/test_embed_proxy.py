@@ -1,13 +1,13 @@
 """The ``proxy`` embedder's K fold models: out-of-fold class probabilities, proxy_probs.npz, resume."""
 from __future__ import annotations
 
-import pickle
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import map_fresh_workers, map_interrupted_after_two
 from dataopt.config import validate
 from dataopt.embed import ProxyEmbedder
 from dataopt.embed import backends
@@ -187,13 +187,8 @@ def test_interrupted_run_resumes_with_stored_fold_models_bit_for_bit(digits_writ
                                  "kwargs": {**TINY, "folds": 3}}})
     paths = digits_writer(tmp_path / "a", n=200)
 
-    def interrupted(fn, specs):
-        for spec in specs[:2]:
-            fn(spec)
-        raise KeyboardInterrupt  # the run dies after two shards
-
     with pytest.raises(KeyboardInterrupt):
-        embed_stage.run(params, paths, map_shards=interrupted)
+        embed_stage.run(params, paths, map_shards=map_interrupted_after_two)
     assert not (paths.artifacts / "embed" / "proxy_probs.npz").exists()
     state = next((paths.artifacts / "embed" / "shards").glob("*/state.safetensors"))
     assert shardlib.load_state(state)[1]["folds"] == 3
@@ -201,16 +196,9 @@ def test_interrupted_run_resumes_with_stored_fold_models_bit_for_bit(digits_writ
     def no_fit(self, *args, **kwargs):
         raise AssertionError("a resumed run must restore the fitted models, not train them again")
 
-    def fresh_workers(fn, specs):
-        out = []
-        for spec in specs:  # what a remote worker sees: pickled function and spec, state from disk
-            embed_stage.forget()
-            out.append(pickle.loads(pickle.dumps(fn))(pickle.loads(pickle.dumps(spec))))
-        return out
-
     with monkeypatch.context() as m:
         m.setattr(ProxyEmbedder, "fit", no_fit)
-        metrics = embed_stage.run(params, paths, map_shards=fresh_workers)
+        metrics = embed_stage.run(params, paths, map_shards=map_fresh_workers)
     assert metrics["shards"] == 5 and metrics["shards_reused"] == 2
     assert read_json(paths.artifacts / "embed" / "meta.json")["shards"]["fit_reused"] is True
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import map_fresh_workers, map_interrupted_after_two
 from dataopt.config import validate
 from dataopt.embed.backends import PixelsEmbedder
 from dataopt.errors import DataError
@@ -112,24 +112,11 @@ def test_interrupted_proxy_resumes_from_stored_weights(digits_writer, tmp_path):
                      kwargs={"epochs": 1, "width": 4, "batch_size": 64})
     paths = digits_writer(tmp_path / "a", n=200)
 
-    def interrupted(fn, specs):
-        for spec in specs[:2]:
-            fn(spec)
-        raise KeyboardInterrupt  # the run dies after two shards
-
     with pytest.raises(KeyboardInterrupt):
-        embed_stage.run(params, paths, map_shards=interrupted)
+        embed_stage.run(params, paths, map_shards=map_interrupted_after_two)
     assert len(_shard_files(paths)) == 2
 
-    def fresh_workers(fn, specs):
-        # what a remote worker sees: a pickled function and spec, no in-memory model (state from disk)
-        out = []
-        for spec in specs:
-            embed_stage.forget()
-            out.append(pickle.loads(pickle.dumps(fn))(pickle.loads(pickle.dumps(spec))))
-        return out
-
-    metrics = embed_stage.run(params, paths, map_shards=fresh_workers)
+    metrics = embed_stage.run(params, paths, map_shards=map_fresh_workers)
     assert metrics["shards"] == 5 and metrics["shards_reused"] == 2
     assert read_json(paths.artifacts / "embed" / "meta.json")["shards"]["fit_reused"] is True
 
