@@ -96,24 +96,39 @@ class EmbedParams(Section):
 
 
 class PerceiveParams(Section):
-    model: Literal["head", "cnn"] = "head"
+    model: str = "head"  # head (on embeddings) | cnn (= small_cnn) | a MODELS name (on pixels)
     hidden: int = Field(0, ge=0)  # head: 0 = linear, else one hidden layer of this width
-    width: int = Field(16, ge=4)  # cnn: SmallCNN width
+    width: int = Field(16, ge=4)  # image models: width (ignored by models without one)
     folds: int = Field(4, ge=2, le=20)
     epochs: int = Field(12, ge=1)
     early_epochs: int = Field(3, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.05, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
+    augment: Literal["none", "crop", "flip_crop"] = "none"  # image models only
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     max_seconds: Optional[float] = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     signals: Optional[list[str]] = None  # null = every registered signal
     signal_kwargs: dict[str, dict[str, Any]] = {}  # signal name -> its hyper-parameters
 
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        from dataopt.perceive.dynamics import perceive_models
+
+        valid = perceive_models()
+        if v not in valid:
+            raise ValueError(f"unknown perceive model {v!r}; valid: {', '.join(valid)}")
+        return v
+
     @model_validator(mode="after")
     def _early(self) -> "PerceiveParams":
         if self.early_epochs > self.epochs:
             raise ValueError(f"early_epochs ({self.early_epochs}) must be <= epochs ({self.epochs})")
+        if self.model == "head" and self.augment != "none":
+            raise ValueError(f"augment={self.augment!r} needs an image model; model 'head' trains on "
+                             "embeddings (use augment: none)")
         for name in self.signals or []:
             _check_method("SIGNALS", name)
         for name, kw in self.signal_kwargs.items():
@@ -236,8 +251,49 @@ class OptimizeParams(Section):
         return self
 
 
+class DynamicParams(Section):
+    """Dynamic data selection: which samples each epoch trains on (``DYNAMIC_SELECTORS``)."""
+
+    method: str = "none"  # none | uniform_full | random | infobatch | density_consistency
+    budget: float = Field(1.0, gt=0.0, le=1.0)  # fraction of full-data sample-steps
+    kwargs: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _method(self) -> "DynamicParams":
+        if self.method != "none":
+            for name, where in (("budget", "train.dynamic.budget"), ("random_state", "the top-level seed")):
+                if name in self.kwargs:
+                    raise ValueError(f"kwargs.{name}: set {where} instead")
+            _check_method("DYNAMIC_SELECTORS", self.method, self.kwargs)
+        elif self.kwargs:
+            raise ValueError("kwargs given but method is 'none'")
+        return self
+
+
+class AdaAugmentParams(Section):
+    """Adaptive per-sample augmentation magnitude (AdaAugment, paper 001 part three)."""
+
+    enabled: bool = False
+    kwargs: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _kwargs(self) -> "AdaAugmentParams":
+        if self.kwargs:
+            from dataopt.registry import hyperparameters
+            from dataopt.dynamic.adaaugment import AdaAugment
+
+            fixed = {"n", "n_classes", "feature_dim", "epochs", "base", "seed"}
+            valid = [k for k in hyperparameters(AdaAugment) if k not in fixed]
+            unknown = sorted(set(self.kwargs) - set(valid))
+            if unknown:
+                raise ValueError(f"unknown kwargs {unknown}; valid: {', '.join(valid)}")
+        return self
+
+
 class TrainParams(Section):
     model: str = "small_cnn"
+    mode: Literal["image", "head"] = "image"  # head: a classifier on the embed stage's embeddings
+    hidden: int = Field(0, ge=0)  # head: hidden units (0 = linear)
     width: int = Field(32, ge=4)
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -246,7 +302,11 @@ class TrainParams(Section):
     weight_decay: float = Field(5e-4, ge=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     augment: Literal["none", "flip_crop", "crop"] = "none"
+    translate: Optional[int] = Field(None, ge=1)  # crop: largest shift in px; null = image width // 8
+    lookahead: bool = False  # airbench's weight EMA every 5 steps, used as the final weights
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dynamic: DynamicParams = DynamicParams()
+    adaaugment: AdaAugmentParams = AdaAugmentParams()
 
     @field_validator("model")
     @classmethod
@@ -259,6 +319,10 @@ class EvaluateParams(Section):
     ece_bins: int = Field(15, ge=2)
     batch_size: int = Field(1024, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # many/medium/few-shot bands by training-class size (Liu et al. 2019): few < 20 <= medium <= 100 < many
+    shot_thresholds: tuple[int, int] = (20, 100)
+    # metrics.json of the full-data run that cost ratios are taken against (null: none named)
+    reference: Optional[str] = None
 
 
 class TrackingParams(Section):

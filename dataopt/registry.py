@@ -104,6 +104,7 @@ MODELS = Registry("model")
 def load_plugins() -> None:
     """Import every method module so that the registries are filled."""
     import dataopt.analyze  # noqa: F401
+    import dataopt.dynamic  # noqa: F401
     import dataopt.embed  # noqa: F401
     import dataopt.ingest  # noqa: F401
     import dataopt.optimize  # noqa: F401

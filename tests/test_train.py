@@ -124,7 +124,7 @@ def trained(tmp_path_factory, digits):
 
 def test_stage_declares_its_contract():
     assert train_stage.INPUTS == ("ingest/samples.parquet", "ingest/images.npy", "optimize/plan.parquet",
-                                  "optimize/plan.json")
+                                  "optimize/plan.json", "embed/embeddings.npy", "perceive/signals.parquet")
     assert "train/model" in train_stage.OUTPUTS and "train/history.json" in train_stage.OUTPUTS
     assert train_stage.PARAMS == ("seed", "train")
 

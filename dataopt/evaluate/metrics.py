@@ -1,4 +1,5 @@
-"""Classification metrics on predicted probabilities: accuracy, balanced accuracy, macro F1, ECE, NLL.
+"""Classification metrics on predicted probabilities: accuracy, balanced accuracy, macro F1, ECE, NLL,
+and many/medium/few-shot accuracy by training-class size.
 
 Pure numpy functions, vectorised through one confusion matrix; ``y`` are int labels in
 ``[0, n_classes)`` and ``probs`` rows sum to 1.
@@ -100,3 +101,55 @@ def classification_report(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 1
         "confusion": cm,
         "per_class_accuracy": per_class_accuracy(cm),
     }
+
+
+SHOT_BANDS = ("many", "medium", "few")
+
+
+def shot_bands(class_counts: np.ndarray, thresholds: tuple[int, int] = (20, 100)) -> np.ndarray:
+    """Band of each class by its number of training images (Liu et al. 2019, OLTR, evaluation protocol;
+    the many/medium/few-shot columns of paper 001's long-tailed table).
+
+    ``few`` < ``t0`` <= ``medium`` <= ``t1`` < ``many`` for ``thresholds = (t0, t1)``; a class with
+    no training image is ``few``.
+
+    Returns
+    -------
+    (n_classes,) str array of ``"many"``, ``"medium"`` or ``"few"``
+    """
+    counts = np.asarray(class_counts, np.int64)
+    t0, t1 = thresholds
+    return np.where(counts > t1, "many", np.where(counts >= t0, "medium", "few"))
+
+
+def shot_accuracy(per_class_acc: np.ndarray, class_counts: np.ndarray,
+                  thresholds: tuple[int, int] = (20, 100)) -> dict:
+    """Many/medium/few-shot accuracy: the mean per-class accuracy within each band of :func:`shot_bands`.
+
+    Parameters
+    ----------
+    per_class_acc : (n_classes,) per-class test accuracy, NaN for a class without test samples
+    class_counts : (n_classes,) training images per class
+    thresholds : ``(t0, t1)`` with ``t0 <= t1``
+
+    Returns
+    -------
+    dict
+        ``{"shot_bands": "balanced"}`` when every class has as many training images (the bands say
+        nothing then); else ``many_shot_accuracy``, ``medium_shot_accuracy``, ``few_shot_accuracy``
+        (None for a band without a class that has test samples) and ``n_many``, ``n_medium``,
+        ``n_few`` (classes in each band).
+    """
+    acc = np.asarray(per_class_acc, np.float64)
+    counts = np.asarray(class_counts, np.int64)
+    if counts.shape != acc.shape:
+        raise ValueError(f"class_counts {counts.shape} and per_class_acc {acc.shape} differ")
+    if counts.size == 0 or counts.max() == counts.min():
+        return {"shot_bands": "balanced"}
+    band = shot_bands(counts, thresholds)
+    out: dict = {}
+    for b in SHOT_BANDS:
+        a = acc[(band == b) & ~np.isnan(acc)]
+        out[f"{b}_shot_accuracy"] = float(a.mean()) if a.size else None
+    out.update({f"n_{b}": int((band == b).sum()) for b in SHOT_BANDS})
+    return out

@@ -2,7 +2,31 @@
 
 Writes ``artifacts/evaluate/metrics.json`` itself (it nests ``per_class_accuracy``, which the flat
 metrics returned to ``run_stage`` cannot) and ``artifacts/evaluate/plots/``: ``confusion_matrix.png``,
-``per_class.json`` (rows ``{class, accuracy}``) and ``reliability.json`` (rows per confidence bin).
+``per_class.json`` (rows ``{class, accuracy, train_count, shot}``) and ``reliability.json`` (rows per
+confidence bin).
+
+Inputs. An image model is evaluated on ``ingest/images.npy``; a head (model config ``input.kind ==
+"embedding"``, :func:`dataopt.train.head.train_head`) on the test rows of ``embed/embeddings.npy``.
+The embeddings are not in ``INPUTS``: those are DVC deps and cache-key inputs of every run, and image
+models must evaluate without an embed stage. A head is retrained (new weights, so evaluate re-runs)
+whenever the embeddings it was trained on change, so no staleness follows.
+
+Metrics beyond accuracy, calibration and per-class accuracy:
+
+- many/medium/few-shot accuracy (Liu et al. 2019, OLTR): classes banded by training images,
+  ``few < t0 <= medium <= t1 < many`` for ``evaluate.shot_thresholds = (t0, t1)``, each band the
+  mean of its per-class accuracies (null for an empty band), with ``n_many``/``n_medium``/``n_few``.
+  Class sizes come from the model config's ``class_counts`` (what was trained on), else from the
+  train-split labels of samples.parquet. When every class has as many images, ``shot_bands:
+  "balanced"`` instead.
+- cost: ``samples_seen``, ``steps`` (optimizer steps) and ``train_seconds`` of the run;
+  ``full_data_samples`` and ``cost_ratio`` (samples seen vs. every training sample for the same epochs);
+  ``full_data_steps = ceil(n_train_total / batch_size) * epochs`` and ``steps_ratio`` when the model
+  config records ``train.batch_size``.
+- against a reference run (``evaluate.reference``: the metrics.json of a full-data run, relative to the
+  project root): ``reference_{samples_seen,steps,train_seconds,accuracy}``, ``samples_seen_ratio``,
+  ``steps_ratio_vs_reference``, ``seconds_ratio`` (this run / reference; null when the reference
+  value is 0) and ``accuracy_delta`` (this run - reference).
 """
 from __future__ import annotations
 
@@ -15,8 +39,8 @@ import pandas as pd
 import torch
 
 from dataopt.config import Params
-from dataopt.errors import DataError
-from dataopt.evaluate.metrics import classification_report, reliability
+from dataopt.errors import ConfigError, DataError
+from dataopt.evaluate.metrics import classification_report, reliability, shot_accuracy, shot_bands
 from dataopt.evaluate.plots import confusion_png
 from dataopt.io import load_npy, read_json, write_json
 from dataopt.paths import Paths
@@ -35,25 +59,84 @@ OUTPUTS = ("evaluate/plots",)  # metrics.json too, written by this stage (see mo
 PARAMS = ("evaluate",)
 
 
+REFERENCE_KEYS = ("samples_seen", "steps", "train_seconds", "accuracy")
+
+
 def _none_if_nan(v: float) -> float | None:
     return None if math.isnan(v) else float(v)
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return float(a) / float(b) if b else None
+
+
+def _reference(ep: Any, paths: Paths) -> dict[str, float] | None:
+    """The cost and accuracy of the run ``evaluate.reference`` names (None when it names none)."""
+    if ep.reference is None:
+        return None
+    path = paths.resolve(ep.reference)
+    try:
+        ref = read_json(path)
+    except FileNotFoundError:
+        problem = "does not exist"
+    except (OSError, ValueError) as exc:
+        problem = f"is not a readable JSON file ({exc})"
+    else:
+        try:
+            return {k: float(ref[k]) for k in REFERENCE_KEYS}
+        except (KeyError, TypeError, ValueError, IndexError):
+            problem = f"is not an evaluate metrics.json with numbers {', '.join(REFERENCE_KEYS)}"
+    raise DataError(f"evaluate.reference: {path} {problem}; name the metrics.json of a full-data "
+                    "run, or set evaluate.reference to null")
+
+
+def _class_counts(config: dict, samples: pd.DataFrame, n_classes: int, cfg_path) -> np.ndarray:
+    """(n_classes,) training images per class: the model config's ``class_counts`` (what was trained
+    on), else the train-split labels of samples.parquet."""
+    if config.get("class_counts") is None:
+        y = samples.loc[samples["split"] == TRAIN, "label"].to_numpy(np.int64)
+        return np.bincount(y[(y >= 0) & (y < n_classes)], minlength=n_classes)
+    try:
+        counts = np.asarray(config["class_counts"], dtype=np.int64)
+    except (TypeError, ValueError):
+        counts = np.zeros(0)
+    if counts.ndim != 1 or len(counts) > n_classes or (counts < 0).any():
+        raise DataError(f"{cfg_path}: class_counts must be at most {n_classes} non-negative counts")
+    return np.pad(counts, (0, n_classes - len(counts)))
+
+
+def _inputs(config: dict, art, test: np.ndarray, n_rows: int, device: torch.device) -> torch.Tensor:
+    """The test rows as model input: uint8 images, or float32 embeddings for a head."""
+    if (config.get("input") or {}).get("kind") == "embedding":
+        emb_path = require(art / "embed" / "embeddings.npy", "embed")
+        emb = load_npy(emb_path)
+        dim = config["input"].get("dim")
+        if emb.ndim != 2 or len(emb) != n_rows or (dim is not None and emb.shape[1] != dim):
+            raise DataError(f"{emb_path}: shape {emb.shape} does not fit samples.parquet's {n_rows} rows "
+                            f"and the head's input dim {dim}; re-run the 'embed' and 'train' stages")
+        return torch.from_numpy(np.asarray(emb[test], dtype=np.float32)).to(device)
+    images_path = require(art / "ingest" / "images.npy", "ingest")
+    images = load_npy(images_path)
+    if len(images) != n_rows:
+        raise DataError(f"{images_path}: {len(images)} rows but samples.parquet has {n_rows}")
+    return loop.images_to_tensor(images[test], device)
 
 
 def run(params: Params, paths: Paths) -> dict[str, Any]:
     t0 = time.perf_counter()
     art = paths.artifacts
     samples_path = require(art / "ingest" / "samples.parquet", "ingest")
-    images_path = require(art / "ingest" / "images.npy", "ingest")
     history_path = require(art / "train" / "history.json", "train")
     ep = params.evaluate
+    t0_shots, t1_shots = ep.shot_thresholds
+    if not 0 <= t0_shots <= t1_shots:
+        raise ConfigError(f"evaluate.shot_thresholds must be two counts t0 <= t1, got {list(ep.shot_thresholds)}")
     device = loop.resolve_device(ep.device, key="evaluate.device")
+    reference = _reference(ep, paths)  # a bad reference fails before any work
     model, config = load_model(art / "train" / "model", device)
     names = [str(n) for n in (config.get("class_names") or range(config["kwargs"]["n_classes"]))]
 
     samples = pd.read_parquet(samples_path, columns=["split", "label"])
-    images = load_npy(images_path)
-    if len(images) != len(samples):
-        raise DataError(f"{images_path}: {len(images)} rows but samples.parquet has {len(samples)}")
     split = samples["split"].to_numpy()
     test = np.flatnonzero(split == TEST)
     if len(test) == 0:
@@ -63,7 +146,7 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     if len(bad):
         raise DataError(f"{samples_path}: test label {int(bad[0])} is outside the model's {len(names)} classes")
 
-    x = loop.images_to_tensor(images[test], device)
+    x = _inputs(config, art, test, len(samples), device)
     logits = loop.predict_logits(model, x, ep.batch_size)
     probs = torch.softmax(logits.double(), dim=1).cpu().numpy()  # float64: NLL/ECE without rounding noise
     rep = classification_report(probs, y, ep.ece_bins)
@@ -86,13 +169,31 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
         "train_seconds": float(last["seconds"]),
         "full_data_samples": full,
         "cost_ratio": last["samples_seen"] / full if full else float("nan"),
-        "device": device.type,
     }
+    train_cfg = config.get("train") or {}
+    if train_cfg.get("batch_size"):
+        epochs = int(train_cfg.get("epochs") or len(history))
+        full_steps = math.ceil(n_train_total / int(train_cfg["batch_size"])) * epochs
+        flat["full_data_steps"] = full_steps
+        flat["steps_ratio"] = _ratio(flat["steps"], full_steps)
+    if reference is not None:
+        flat.update({f"reference_{k}": v for k, v in reference.items()})
+        flat["samples_seen_ratio"] = _ratio(flat["samples_seen"], reference["samples_seen"])
+        flat["steps_ratio_vs_reference"] = _ratio(flat["steps"], reference["steps"])
+        flat["seconds_ratio"] = _ratio(flat["train_seconds"], reference["train_seconds"])
+        flat["accuracy_delta"] = flat["accuracy"] - reference["accuracy"]
+    counts = _class_counts(config, samples, len(names), art / "train" / "model" / "config.json")
+    flat.update(shot_accuracy(rep["per_class_accuracy"], counts, (t0_shots, t1_shots)))
+    flat["device"] = device.type
     per_class = {n: _none_if_nan(a) for n, a in zip(names, rep["per_class_accuracy"])}
+    bands = shot_bands(counts, (t0_shots, t1_shots))
 
     plots = paths.stage("evaluate") / "plots"
     confusion_png(plots / "confusion_matrix.png", rep["confusion"], names)
-    write_json(plots / "per_class.json", [{"class": n, "accuracy": a} for n, a in per_class.items()])
+    write_json(plots / "per_class.json", [
+        {"class": n, "accuracy": a, "train_count": int(c), "shot": str(b)}
+        for (n, a), c, b in zip(per_class.items(), counts, bands)
+    ])
     rel = reliability(probs, y, ep.ece_bins)
     write_json(plots / "reliability.json", [
         {"bin": int(b), "lower": float(rel["lower"][b]), "upper": float(rel["upper"][b]),

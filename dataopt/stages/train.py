@@ -1,8 +1,13 @@
 """train stage: the model trained on what the optimisation plan keeps, weights, draws, augments and
 relabels, with plan.json's training directives (loss) and augmentation policy.
 
+``train.mode: head`` trains a classifier on the embed stage's embeddings instead of the images (fast CPU
+runs); ``train.dynamic`` re-selects the samples of every epoch (``DYNAMIC_SELECTORS``; density_consistency
+reads ``perceive/signals.parquet``); ``train.adaaugment`` sets every sample's augmentation magnitude with
+AdaAugment.
+
 Writes ``artifacts/train/model/{model.safetensors,config.json}`` and ``artifacts/train/history.json``
-(one row per epoch: epoch, loss, samples_seen, steps, seconds, lr).
+(one row per epoch: epoch, loss, samples_seen, steps, seconds, lr, and the dynamic methods' statistics).
 """
 from __future__ import annotations
 
@@ -17,9 +22,19 @@ from dataopt.paths import Paths
 from dataopt.schema import require
 from dataopt.train import loop
 from dataopt.train.checkpoint import save_model
-from dataopt.train.trainer import train_model, train_set_from_plan
+from dataopt.train.trainer import build_selector, run_config, train_model, train_set_from_plan
 
-INPUTS = ("ingest/samples.parquet", "ingest/images.npy", "optimize/plan.parquet", "optimize/plan.json")
+
+def _kept_signals(paths: Paths, plan: pd.DataFrame) -> pd.DataFrame:
+    """perceive/signals.parquet rows of the samples the plan keeps (plan and signals share the order)."""
+    path = require(paths.artifacts / "perceive" / "signals.parquet", "perceive")
+    signals = pd.read_parquet(path)
+    if len(signals) != len(plan) or not (signals["sample_id"].to_numpy() == plan["sample_id"].to_numpy()).all():
+        raise DataError(f"{path}: rows do not match optimize/plan.parquet; re-run 'perceive' and 'optimize'")
+    return signals.loc[plan["keep"].to_numpy(bool)].reset_index(drop=True)
+
+INPUTS = ("ingest/samples.parquet", "ingest/images.npy", "optimize/plan.parquet", "optimize/plan.json",
+          "embed/embeddings.npy", "perceive/signals.parquet")
 OUTPUTS = ("train/model", "train/history.json")
 PARAMS = ("seed", "train")
 
@@ -36,11 +51,23 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     # plan.json carries the `train` / `augment` directives; a plan written without it trains as before
     json_path = art / "optimize" / "plan.json"
     plan_json = read_json(json_path) if json_path.exists() else None
-    ts = train_set_from_plan(samples, pd.read_parquet(plan_path), plan_path, plan_json)
+    plan = pd.read_parquet(plan_path)
+    ts = train_set_from_plan(samples, plan, plan_path, plan_json)
 
     tp = params.train
     device = loop.resolve_device(tp.device)
-    model, history, config = train_model(images, ts, tp, params.seed, device)
+    signals = _kept_signals(paths, plan) if tp.dynamic.method == "density_consistency" else None
+    if tp.mode == "head":
+        from dataopt.train.head import train_head
+
+        embeddings = load_npy(require(art / "embed" / "embeddings.npy", "embed"))
+        if len(embeddings) != len(samples):
+            raise DataError(f"embed/embeddings.npy: {len(embeddings)} rows but samples.parquet has {len(samples)}")
+        selector = build_selector(ts, tp, params.seed, signals)
+        model, history, config = train_head(embeddings, ts, tp, params.seed, device, selector=selector)
+        config.update(run_config(ts, tp, selector))
+    else:
+        model, history, config = train_model(images, ts, tp, params.seed, device, signals=signals)
 
     out = paths.stage("train")
     save_model(out / "model", model, config)
@@ -61,4 +88,9 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
         or "none",
         "train_directives": ",".join(sorted(ts.train_directives)) or "none",
         "device": device.type,
+        "mode": tp.mode,
+        "model": config.get("model", tp.model),
+        "dynamic_method": tp.dynamic.method,
+        "dynamic_budget": tp.dynamic.budget if tp.dynamic.method != "none" else 1.0,
+        "adaaugment": bool(tp.adaaugment.enabled),
     }

@@ -14,6 +14,10 @@ from dataopt.io import atomic_path, write_json
 from dataopt.registry import MODELS
 from dataopt.schema import require
 from dataopt.train import loop
+from dataopt.train.nets import Head
+
+# models built outside MODELS: a head needs the embedding dim, so it is no `train.model` choice
+UNREGISTERED = {"head": Head}
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -21,7 +25,7 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"
 def save_model(model_dir: str | Path, model: nn.Module, config: dict[str, Any]) -> None:
     """Write ``model_dir/model.safetensors`` (the state dict, on the CPU) and ``model_dir/config.json``.
 
-    ``config`` must hold ``model`` (a MODELS name) and ``kwargs`` (what rebuilds it), see
+    ``config`` must hold ``model`` (a MODELS name, or ``"head"``) and ``kwargs`` (what rebuilds it), see
     :func:`dataopt.train.trainer.train_model`. Both files are written atomically.
     """
     model_dir = Path(model_dir)
@@ -57,7 +61,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{cfg_path}: not a model config with 'model' and 'kwargs' ({exc})") from None
     try:
-        cls = MODELS.get(name)
+        cls = UNREGISTERED[name] if name in UNREGISTERED else MODELS.get(name)
     except ConfigError as exc:
         raise DataError(f"{cfg_path}: {exc}") from None
     try:

@@ -11,7 +11,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -102,6 +102,8 @@ class FitConfig:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     augment: str = "none"  # "none" | "crop" | "flip_crop" (images only)
+    translate: Optional[int] = None  # crop: largest shift in px (reflect padding); None = width // 8
+    lookahead: bool = False  # airbench's lookahead: an EMA of the weights every 5 steps, used at the end
     seed: int = 0
     max_seconds: Optional[float] = None  # stop after the epoch that crosses this budget
     progress: bool = True
@@ -120,6 +122,8 @@ def fit(
     augment_magnitudes: Optional[torch.Tensor] = None,
     loss_fn: Optional[Callable[..., torch.Tensor]] = None,
     augment_fn: Optional[Callable[..., torch.Tensor]] = None,
+    selector: Optional[Any] = None,
+    on_epoch_loss: Optional[Callable[[int, torch.Tensor], None]] = None,
 ) -> list[dict]:
     """Train ``model`` on ``x`` (uint8 images or float features, on the model's device).
 
@@ -148,6 +152,20 @@ def fit(
         model input (normalised): replaces the built-in ``cfg.augment`` / ``augment_magnitudes``
         handling (e.g. :class:`dataopt.optimize.augment.BatchAugmenter`); draw randomness from ``gen``.
         None (default): the built-in path.
+    selector : a fitted dynamic selector (:mod:`dataopt.dynamic.selectors`), optional
+        Decides each epoch's samples: ``selector.epoch_sizes_`` (E,) gives how many samples every
+        epoch trains on (the learning-rate schedule is laid out over their steps) and
+        ``selector.select(epoch, last_loss, gen) -> (positions (k,) int64, weights (k,) float or
+        None)`` draws them; the weights multiply the loss weights (e.g. InfoBatch's 1/(1 - r)).
+        Not combinable with ``sampling_weights``.
+    on_epoch_loss : called as ``on_epoch_loss(epoch, last_loss)`` after every epoch with the (N,)
+        float tensor of each sample's most recent training loss (cross-entropy on its given label,
+        as trained: augmented, before weighting; NaN until first seen) - the per-sample signal of the
+        dynamic methods and of the perception stage's dynamics.
+
+    Models may define ``prepare(x_normalised)`` (data-dependent initialisation, e.g. airbench's
+    whitening, run once on the first 5,000 training images) and ``param_groups(lr, weight_decay)``
+    (per-group SGD settings); channels-last memory layout is used for images on a GPU.
 
     Returns
     -------
@@ -163,12 +181,23 @@ def fit(
         draw_p = sampling_weights.detach().cpu().double()
         if len(draw_p) != n or not bool((draw_p >= 0).all()) or float(draw_p.sum()) <= 0:
             raise ValueError("sampling_weights must be N non-negative numbers with a positive sum")
+    if selector is not None and draw_p is not None:
+        raise ValueError("a dynamic selector and sampling_weights both decide what an epoch draws; use one")
     mags = None if augment_magnitudes is None else augment_magnitudes.detach().cpu().double()
-    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
-    total = steps_per_epoch * cfg.epochs
+    sizes = [n] * cfg.epochs if selector is None else [int(k) for k in selector.epoch_sizes_]
+    if len(sizes) != cfg.epochs or min(sizes) < 1:
+        raise ValueError(f"selector.epoch_sizes_ must hold {cfg.epochs} positive sizes, got {sizes}")
+    total = sum(max(1, math.ceil(k / cfg.batch_size)) for k in sizes)
+    is_image = x.dtype == torch.uint8 and x.dim() == 4
+    channels_last = is_image and device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if is_image and hasattr(model, "prepare"):
+        model.prepare(normalise(x[:5000]))
+    groups = (model.param_groups(cfg.lr, cfg.weight_decay) if hasattr(model, "param_groups")
+              else model.parameters())
     opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-        weight_decay=cfg.weight_decay,
+        groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay,
     )
     # linear warm-up over the first 10% of steps, then cosine decay (airbench-style schedule)
     warm = max(1, total // 10)
@@ -176,26 +205,37 @@ def fit(
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
     )
     use_amp = device.type == "cuda"
-    is_image = x.dtype == torch.uint8 and x.dim() == 4
+    ema = _Lookahead(model, total) if cfg.lookahead else None
     history = cfg.history
-    seen = 0
+    last_loss = torch.full((n,), float("nan"), device=device)
+    seen = steps_done = 0
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.epochs), desc=cfg.desc, disable=not cfg.progress, leave=False)
     for epoch in bar:
         model.train()
-        if draw_p is None:
+        dyn_w = None
+        sel_stats: dict = {}
+        if selector is not None:
+            chosen, dyn_w = selector.select(epoch + 1, last_loss, gen)
+            sel_stats = {f"dyn_{k}": v for k, v in getattr(selector, "stats_", {}).items()}
+            order = chosen[torch.randperm(len(chosen), generator=gen)]
+            if dyn_w is not None:
+                full_w = torch.zeros(n, dtype=torch.float32)
+                full_w[chosen] = dyn_w.float().cpu()
+                dyn_w = full_w.to(device)
+        elif draw_p is None:
             order = torch.randperm(n, generator=gen)
         else:
             order = torch.multinomial(draw_p, n, replacement=True, generator=gen)
         perm = order.to(device)
         loss_sum = torch.zeros((), device=device)
-        for s in range(steps_per_epoch):
+        for s in range(max(1, math.ceil(len(order) / cfg.batch_size))):
             idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
             xb = x[idx]
             if augment_fn is not None:
                 xb = augment_fn(xb, idx, epoch + 1, gen)
             elif is_image and (cfg.augment != "none" or mags is not None):
-                pad = max(1, xb.shape[-1] // 8)
+                pad = cfg.translate or max(1, xb.shape[-1] // 8)
                 flip = cfg.augment == "flip_crop"
                 if mags is None:
                     xb = random_crop_flip(xb.float(), pad, flip, gen)
@@ -207,29 +247,40 @@ def fit(
                 xb = ((xb / 255.0) - MEAN) / STD
             else:
                 xb = normalise(xb)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            wb = w[idx] if dyn_w is None else w[idx] * dyn_w[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = model(xb)
             if loss_fn is None:
                 losses = F.cross_entropy(
                     logits.float(), y[idx], reduction="none", label_smoothing=cfg.label_smoothing
                 )
-                loss = (losses * w[idx]).sum() / len(idx)
+                loss = (losses * wb).sum() / len(idx)
+                last_loss[idx] = losses.detach()
             else:
-                loss = loss_fn(logits.float(), y[idx], w[idx], epoch + 1, idx)
+                loss = loss_fn(logits.float(), y[idx], wb, epoch + 1, idx)
+                last_loss[idx] = F.cross_entropy(logits.detach().float(), y[idx], reduction="none")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.step(model)
             loss_sum += loss.detach() * len(idx)
             seen += len(idx)
+        steps_done += max(1, math.ceil(len(order) / cfg.batch_size))
         row = {
             "epoch": epoch + 1,
-            "loss": float(loss_sum) / n,
+            "loss": float(loss_sum) / max(1, len(order)),
             "samples_seen": seen,
-            "steps": (epoch + 1) * steps_per_epoch,
+            "steps": steps_done,
             "seconds": round(time.perf_counter() - t0, 3),
-            "lr": opt.param_groups[0]["lr"],
+            "lr": opt.param_groups[-1]["lr"],
+            **sel_stats,
         }
+        if on_epoch_loss is not None:
+            on_epoch_loss(epoch + 1, last_loss)
         if on_epoch is not None:
             model.eval()
             row.update(on_epoch(epoch + 1, model) or {})
@@ -237,8 +288,36 @@ def fit(
         bar.set_postfix(loss=f"{row['loss']:.3f}")
         if cfg.max_seconds is not None and row["seconds"] >= cfg.max_seconds:
             break
+    if ema is not None:
+        ema.finish(model)
     model.eval()
     return history
+
+
+class _Lookahead:
+    """airbench94's lookahead (Jordan 2024, after Zhang et al. 2019): every 5 steps the weights and an
+    EMA of them are both set to ``ema + (1 - decay) * (w - ema)`` with ``decay = 0.95**5 * (t/T)**3``
+    (no averaging early, stronger averaging late); the EMA becomes the final weights."""
+
+    def __init__(self, model: nn.Module, total_steps: int):
+        self.total, self.t = max(1, total_steps), 0
+        self.ema = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def step(self, model: nn.Module) -> None:
+        self.t += 1
+        if self.t % 5 == 0:
+            self._update(model, 0.95**5 * (self.t / self.total) ** 3)
+
+    @torch.no_grad()
+    def _update(self, model: nn.Module, decay: float) -> None:
+        for k, v in model.state_dict().items():
+            if k in self.ema:
+                self.ema[k].lerp_(v, 1 - decay)
+                v.copy_(self.ema[k])
+
+    def finish(self, model: nn.Module) -> None:
+        self._update(model, 1.0)  # decay 1: the weights become the EMA
 
 
 @torch.no_grad()

@@ -189,18 +189,52 @@ def plan_training(ts: TrainSet, tp: Any) -> tuple[Optional[Any], Optional[Any], 
 
 
 def build_model(
-    name: str, seed: int, n_classes: int, in_channels: int, width: int, image_size: int
+    name: str, seed: int, n_classes: int, in_channels: int, width: int, image_size: int,
+    flip_tta: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build registered model ``name`` under ``seed``; return it and the kwargs that rebuild it.
 
     Only the kwargs the model's ``__init__`` accepts are passed (and returned).
     """
     cls = MODELS.get(name)
-    offered = {"n_classes": n_classes, "in_channels": in_channels, "width": width, "image_size": image_size}
+    offered = {"n_classes": n_classes, "in_channels": in_channels, "width": width, "image_size": image_size,
+               "flip_tta": flip_tta}
     kwargs = {k: v for k, v in offered.items() if k in hyperparameters(cls)}
     with loop.seeded(seed):
         model = cls(**kwargs)
     return model, kwargs
+
+
+def build_selector(ts: TrainSet, tp: Any, seed: int, signals: Optional[pd.DataFrame] = None) -> Optional[Any]:
+    """The fitted ``train.dynamic`` selector for ``ts`` (None for method ``none``).
+
+    ``signals``: the perceive signals of the kept training rows, in ``ts.rows`` order (needed by
+    selectors whose ``requires`` names ``signals``).
+    """
+    dp = tp.dynamic
+    if dp.method == "none":
+        return None
+    from dataopt.registry import DYNAMIC_SELECTORS
+
+    selector = DYNAMIC_SELECTORS.build(dp.method, dp.kwargs, budget=dp.budget, random_state=seed)
+    if ts.sampling_weights is not None:
+        from dataopt.errors import ConfigError
+
+        raise ConfigError(f"train.dynamic.method={dp.method!r} decides what each epoch draws, and the plan "
+                          "has sampling weights (a resampling step) that decide it too; use one of them")
+    return selector.fit(ts.n_kept, tp.epochs, signals if "signals" in selector.requires else None)
+
+
+def run_config(ts: TrainSet, tp: Any, selector: Optional[Any]) -> dict[str, Any]:
+    """What the evaluate stage needs to put a run's cost next to the full-data run's."""
+    return {
+        "class_counts": np.bincount(ts.labels, minlength=ts.n_classes).tolist(),
+        "train": {"batch_size": tp.batch_size, "epochs": tp.epochs, "n_train_total": ts.n_total,
+                  "n_train_kept": ts.n_kept, "mode": tp.mode,
+                  "dynamic": {"method": tp.dynamic.method,
+                              "budget": tp.dynamic.budget if selector is not None else 1.0},
+                  "adaaugment": bool(tp.adaaugment.enabled)},
+    }
 
 
 def train_model(
@@ -210,6 +244,7 @@ def train_model(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    signals: Optional[pd.DataFrame] = None,
 ) -> tuple[nn.Module, list[dict], dict[str, Any]]:
     """Train ``tp.model`` on the kept rows of ``images``.
 
@@ -220,6 +255,8 @@ def train_model(
     tp : the ``train`` params section (:class:`dataopt.config.TrainParams`)
     seed : seeds model initialisation, shuffling, sampling and augmentation
     device : where the data and the model live
+    signals : perceive signals of the kept rows (``ts.rows`` order), for ``train.dynamic`` selectors
+        that need them (density_consistency)
 
     Returns
     -------
@@ -233,8 +270,10 @@ def train_model(
     # one fancy-index read of the kept rows, then one copy to the device (uint8; normalised per batch)
     x = loop.images_to_tensor(images[ts.rows], device)
     y = torch.from_numpy(ts.labels).to(device)
-    model, kwargs = build_model(tp.model, seed, ts.n_classes, c, tp.width, min(h, w))
+    model, kwargs = build_model(tp.model, seed, ts.n_classes, c, tp.width, min(h, w),
+                                flip_tta=tp.augment == "flip_crop")
     model.to(device)
+    selector = build_selector(ts, tp, seed, signals)
 
     def opt(a: Optional[np.ndarray]) -> Optional[torch.Tensor]:
         return None if a is None else torch.from_numpy(a)
@@ -242,13 +281,17 @@ def train_model(
     cfg = loop.FitConfig(
         epochs=tp.epochs, batch_size=tp.batch_size, lr=tp.lr, momentum=tp.momentum,
         weight_decay=tp.weight_decay, label_smoothing=tp.label_smoothing, augment=tp.augment,
-        seed=seed, progress=progress, desc="train",
+        translate=tp.translate, lookahead=tp.lookahead, seed=seed, progress=progress, desc="train",
     )
     loss_fn, augment_fn, owns_magnitudes = plan_training(ts, tp)
+    on_epoch = None
+    if tp.adaaugment.enabled:
+        ada = adaptive_augmenter(ts, tp, seed, model, y, augment_fn)
+        augment_fn, owns_magnitudes, on_epoch = ada, True, lambda epoch, _m: ada.epoch_stats(epoch)
     history = loop.fit(
         model, x, y, cfg, weights=opt(ts.weights), sampling_weights=opt(ts.sampling_weights),
         augment_magnitudes=None if owns_magnitudes else opt(ts.augment_magnitudes),
-        loss_fn=loss_fn, augment_fn=augment_fn,
+        loss_fn=loss_fn, augment_fn=augment_fn, selector=selector, on_epoch=on_epoch,
     )
     config = {
         "model": tp.model,
@@ -257,5 +300,24 @@ def train_model(
         "input": {"dtype": "uint8", "layout": "NCHW", "channels": int(c), "height": int(h), "width": int(w)},
         "normalisation": {"scale": 255.0, "mean": loop.MEAN, "std": loop.STD},
         "seed": seed,
+        **run_config(ts, tp, selector),
     }
     return model, history, config
+
+
+def adaptive_augmenter(ts: TrainSet, tp: Any, seed: int, model: nn.Module, y: torch.Tensor,
+                       plan_augment: Optional[Any]) -> Any:
+    """AdaAugment (``train.adaaugment``) bound to ``model``; refuses a plan that also augments images."""
+    from dataopt.errors import ConfigError
+
+    if plan_augment is not None:
+        raise ConfigError("train.adaaugment.enabled and the plan's image/mix augmentation policy both set "
+                          "how samples are augmented; drop the augment step or disable adaaugment")
+    if ts.augment_magnitudes is not None:
+        raise ConfigError("train.adaaugment.enabled chooses every sample's magnitude itself, but the plan "
+                          "sets augment_magnitude; drop that step or disable adaaugment")
+    from dataopt.dynamic.adaaugment import AdaAugment
+
+    ada = AdaAugment(n=ts.n_kept, n_classes=ts.n_classes, feature_dim=model.feature_dim, epochs=tp.epochs,
+                     base=tp.augment, seed=seed, **tp.adaaugment.kwargs)
+    return ada.bind(model, y)

@@ -1,0 +1,334 @@
+"""Dynamic data selection on CIFAR-10(N): full data vs infobatch vs density_consistency vs random at equal
+sample-steps, AdaAugment vs fixed policies, and the curated pipeline vs plain training on noisy labels.
+
+Every run trains with the project's own loop (:func:`dataopt.train.loop.fit`), networks
+(``airbench`` on a GPU, or a head on frozen pixel-PCA embeddings on the CPU) and selectors
+(``DYNAMIC_SELECTORS``); test accuracy on the 10,000 CIFAR-10 test images.
+
+Parts (``--parts``):
+  timing     airbench on clean labels, full data: accuracy and training seconds (the 93.5% / 10 s target)
+  dynamic    per label set: uniform_full, then random / infobatch / density_consistency at each budget
+  curated    on random_label1: plain training vs analysis (GMM p_clean on out-of-fold early loss, with
+             the agreement gate) + plan (noise filter p_clean >= 0.5, p_clean weights), equal epochs
+  adaaugment on clean labels: flip+crop only vs + RandAugment vs + TrivialAugmentWide vs + AdaAugment
+
+The density_consistency signals come from a 2-fold out-of-fold proxy run of the same network on the same
+labels: semantic consistency = out-of-fold probability of the label (no text tower on CIFAR here), and
+kNN density = mean Euclidean distance to the 10 nearest neighbours of the L2-normalised penultimate
+features (faiss). The same proxy run gives the early losses of the curated pipeline.
+
+Examples
+--------
+  python bench/dynamic.py --device cuda                          # the GPU benchmark (H100: ~8 min)
+  python bench/dynamic.py --device cpu --model head --seeds 2    # CPU: head on pixel-PCA embeddings
+  python bench/dynamic.py --parts timing --seeds 3                # only the airbench timing
+
+Writes bench/results/dynamic_<device>.json (atomic, updated after every part) and prints tables.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
+
+from dataopt.registry import DYNAMIC_SELECTORS, load_plugins  # noqa: E402
+from dataopt.train import loop  # noqa: E402
+from dataopt.train.nets import AirbenchNet, Head  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__[__doc__.index("Examples"):],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DATA, help="folder with train.parquet and test.parquet")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/dynamic_<device>.json)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--model", default="airbench", choices=["airbench", "head"])
+    ap.add_argument("--parts", nargs="+", default=["timing", "dynamic", "curated", "adaaugment"])
+    ap.add_argument("--labels", nargs="+", default=["clean", "random_label1"])
+    ap.add_argument("--budgets", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    ap.add_argument("--methods", nargs="+", default=["random", "infobatch", "density_consistency"])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--proxy-epochs", type=int, default=8, help="epochs of each out-of-fold proxy fold")
+    ap.add_argument("--early-epochs", type=int, default=3, help="epochs averaged into the early loss")
+    ap.add_argument("--ada-epochs", type=int, default=20, help="epochs of the adaaugment comparison")
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=1.5, help="airbench recipe in mean-loss units")
+    ap.add_argument("--momentum", type=float, default=0.85)
+    ap.add_argument("--weight-decay", type=float, default=0.00133)
+    ap.add_argument("--label-smoothing", type=float, default=0.2)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--translate", type=int, default=2, help="largest random shift in px (airbench: 2)")
+    ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
+                    help="airbench: train without the lookahead weight EMA")
+    ap.add_argument("--n", type=int, default=0, help="first N training rows (0 = all 50,000)")
+    ap.add_argument("--pca-dim", type=int, default=256, help="head model: pixel-PCA dimension")
+    return ap.parse_args(argv)
+
+
+def decode(path: Path, n: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``(N, 32, 32, 3)`` uint8 images and the int64 label columns of a CIFAR-10N parquet."""
+    table = pq.read_table(path)
+    if n:
+        table = table.slice(0, n)
+    images = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+                       for b in table.column("image").to_pylist()])
+    labels = {c: table.column(c).to_numpy().astype(np.int64)
+              for c in ("label", "aggre_label", "random_label1") if c in table.column_names}
+    return images, labels
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = loop.resolve_device(args.device)
+        xtr, ltr = decode(args.data / "train.parquet", args.n)
+        xte, lte = decode(args.data / "test.parquet")
+        self.labels = {"clean": ltr["label"], **{k: v for k, v in ltr.items() if k != "label"}}
+        self.y_test = torch.from_numpy(lte["label"]).to(self.device)
+        if args.model == "airbench":
+            self.x = loop.images_to_tensor(xtr, self.device)
+            self.x_test = loop.images_to_tensor(xte, self.device)
+        else:  # standardised pixels -> PCA (fitted on the training images), float embeddings
+            flat = torch.from_numpy(xtr.reshape(len(xtr), -1)).double()
+            mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
+            z = (flat - mean) / std
+            _, _, v = torch.pca_lowrank(z, q=args.pca_dim, center=False, niter=3)
+            proj = lambda a: (((torch.from_numpy(a.reshape(len(a), -1)).double() - mean) / std) @ v).float()
+            self.x, self.x_test = proj(xtr).to(self.device), proj(xte).to(self.device)
+
+    def cfg(self, seed: int, epochs: int) -> loop.FitConfig:
+        a = self.args
+        return loop.FitConfig(epochs=epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
+                              weight_decay=a.weight_decay, label_smoothing=a.label_smoothing,
+                              augment="flip_crop" if a.model == "airbench" else "none", seed=seed,
+                              translate=a.translate, lookahead=a.model == "airbench" and a.lookahead,
+                              progress=False)
+
+    def model(self, seed: int) -> torch.nn.Module:
+        with loop.seeded(seed):
+            if self.args.model == "airbench":
+                m = AirbenchNet(10, width=self.args.width, flip_tta=True)
+            else:
+                m = Head(self.x.shape[1], 10, hidden=512)
+        return m.to(self.device)
+
+    def accuracy(self, model: torch.nn.Module) -> float:
+        logits = loop.predict_logits(model, self.x_test)
+        return float((logits.argmax(1) == self.y_test).double().mean())
+
+    def train(self, y: np.ndarray, seed: int, epochs: int, **fit_kwargs: Any) -> dict[str, Any]:
+        """One training run on all rows (``rows``/``weights`` in fit_kwargs restrict or weigh them)."""
+        rows = fit_kwargs.pop("rows", None)
+        x = self.x if rows is None else self.x[torch.as_tensor(rows, device=self.device)]
+        yy = torch.from_numpy(y if rows is None else y[rows]).to(self.device)
+        model = self.model(seed)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        hist = loop.fit(model, x, yy, self.cfg(seed, epochs), **fit_kwargs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        return {"accuracy": self.accuracy(model), "train_seconds": round(seconds, 3),
+                "samples_seen": int(hist[-1]["samples_seen"]), "steps": int(hist[-1]["steps"]),
+                "epochs": len(hist), "history_tail": hist[-1]}
+
+    def proxy(self, y: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+        """2-fold out-of-fold run: per-epoch OOF loss, final OOF probs, features of the fold-0 model."""
+        n, epochs = len(y), self.args.proxy_epochs
+        fold = np.random.default_rng(seed).permutation(n) % 2
+        loss = np.zeros((epochs, n), np.float32)
+        probs = np.zeros((n, 10), np.float32)
+        feats = None
+        for f in (0, 1):
+            tr, ho = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+            x_ho = self.x[torch.as_tensor(ho, device=self.device)]
+            y_ho = torch.from_numpy(y[ho]).to(self.device)
+
+            def on_epoch(epoch: int, model: torch.nn.Module, ho=ho, x_ho=x_ho, y_ho=y_ho) -> dict:
+                lg = loop.predict_logits(model, x_ho)
+                loss[epoch - 1, ho] = F.cross_entropy(lg, y_ho, reduction="none").cpu().numpy()
+                probs[ho] = torch.softmax(lg, 1).cpu().numpy()
+                return {}
+
+            model = self.model(seed + 100 + f)
+            xt = self.x[torch.as_tensor(tr, device=self.device)]
+            loop.fit(model, xt, torch.from_numpy(y[tr]).to(self.device), self.cfg(seed + f, epochs),
+                     on_epoch=on_epoch)
+            if f == 0:
+                feats = loop.predict_features(model, self.x).cpu().numpy()
+        return {"loss": loss, "probs": probs, "features": feats, "fold": fold}
+
+
+def density_consistency_signals(proxy: dict[str, np.ndarray], y: np.ndarray, k: int = 10):
+    """The two columns density_consistency reads, computed as the perceive stage does."""
+    import pandas as pd
+    from dataopt.embed.knn import knn_graph
+
+    z = proxy["features"].astype(np.float32)
+    z /= np.linalg.norm(z, axis=1, keepdims=True).clip(1e-12)
+    _, dist, info = knn_graph(z, k, metric="l2", exact_max=len(z), use_gpu=False)
+    return pd.DataFrame({"knn_density": dist.astype(np.float64).mean(1),
+                         "semantic_consistency": proxy["probs"][np.arange(len(y)), y].astype(np.float64)}), info
+
+
+def p_clean_gated(proxy: dict[str, np.ndarray], y: np.ndarray, early: int) -> tuple[np.ndarray, dict]:
+    """Analysis as the analyze stage does by default: a two-component GMM on the normalised mean early
+    out-of-fold loss -> p_clean, then the agreement gate (out-of-fold argmax == label -> clean)."""
+    from dataopt.analyze.mixture import GaussianLossMixture
+
+    gmm = GaussianLossMixture().fit(proxy["loss"][:early].mean(0))
+    p = gmm.p_clean_.copy()
+    p[proxy["probs"].argmax(1) == y] = 1.0
+    return p, {"gmm_noise_rate": float(gmm.noise_rate_), "flagged": int((p < 0.5).sum())}
+
+
+def summarise(runs: list[dict]) -> dict[str, float]:
+    acc = np.array([r["accuracy"] for r in runs]) * 100
+    sec = np.array([r["train_seconds"] for r in runs])
+    return {"accuracy_mean": round(float(acc.mean()), 3), "accuracy_std": round(float(acc.std()), 3),
+            "train_seconds_mean": round(float(sec.mean()), 3),
+            "samples_seen": int(np.mean([r["samples_seen"] for r in runs])),
+            "steps": int(np.mean([r["steps"] for r in runs])), "n_runs": len(runs)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    load_plugins()
+    from dataopt.io import write_json
+
+    t_start = time.perf_counter()
+    bench = Bench(args)
+    dev = bench.device.type
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    out = args.out or ROOT / "bench" / "results" / f"dynamic_{dev}.json"
+    seeds = list(range(args.seeds))
+    res: dict[str, Any] = {"machine": f"{name}, torch {torch.__version__}", "device": dev,
+                           "model": args.model, "args": {k: str(v) for k, v in vars(args).items()},
+                           "n_train": int(len(bench.x)), "decode_seconds": round(time.perf_counter() - t_start, 1)}
+    print(f"# bench/dynamic.py on {name} ({args.model}), n_train={len(bench.x)}", flush=True)
+    save = lambda: write_json(out, res)
+
+    if "timing" in args.parts:
+        runs = [bench.train(bench.labels["clean"], s, args.epochs) for s in seeds]
+        res["timing"] = {"epochs": args.epochs, **summarise(runs), "runs": runs}
+        print(f"timing: {res['timing']['accuracy_mean']:.2f}% +- {res['timing']['accuracy_std']:.2f} in "
+              f"{res['timing']['train_seconds_mean']:.2f} s ({args.epochs} epochs)", flush=True)
+        save()
+
+    proxies: dict[str, dict] = {}
+    if "dynamic" in args.parts:
+        res["dynamic"] = {}
+        for lab in args.labels:
+            y = bench.labels[lab]
+            t0 = time.perf_counter()
+            proxies[lab] = bench.proxy(y)
+            signals, knn_info = density_consistency_signals(proxies[lab], y)
+            entry: dict[str, Any] = {"signals_seconds": round(time.perf_counter() - t0, 2),
+                                     "proxy_oof_accuracy": float((proxies[lab]["probs"].argmax(1) == y).mean())}
+            full = [bench.train(y, s, args.epochs) for s in seeds]
+            entry["full"] = summarise(full)
+            print(f"[{lab}] full: {entry['full']['accuracy_mean']:.2f}", flush=True)
+            for budget in args.budgets:
+                for method in args.methods:
+                    runs = []
+                    for s in seeds:
+                        sel = DYNAMIC_SELECTORS.build(method, {}, budget=budget, random_state=s)
+                        sel.fit(len(y), args.epochs, signals if "signals" in sel.requires else None)
+                        runs.append(bench.train(y, s, args.epochs, selector=sel))
+                    entry[f"{method}@{budget}"] = summarise(runs)
+                    print(f"[{lab}] {method}@{budget}: {entry[f'{method}@{budget}']['accuracy_mean']:.2f} "
+                          f"(+-{entry[f'{method}@{budget}']['accuracy_std']:.2f}), "
+                          f"cost {entry[f'{method}@{budget}']['samples_seen'] / entry['full']['samples_seen']:.3f}",
+                          flush=True)
+            res["dynamic"][lab] = entry
+            save()
+
+    if "curated" in args.parts and "random_label1" in bench.labels:
+        y = bench.labels["random_label1"]
+        proxy = proxies.get("random_label1") or bench.proxy(y)
+        p_clean, info = p_clean_gated(proxy, y, args.early_epochs)
+        truth_noisy = y != bench.labels["clean"]
+        keep = np.flatnonzero(p_clean >= 0.5)
+        plain = [bench.train(y, s, args.epochs) for s in seeds]
+        curated = [bench.train(y, s, args.epochs, rows=keep,
+                               weights=torch.from_numpy(p_clean[keep]).float()) for s in seeds]
+        flagged = p_clean < 0.5
+        res["curated"] = {
+            "plain": summarise(plain), "curated": summarise(curated), **info, "kept": int(len(keep)),
+            "flag_precision": float(truth_noisy[flagged].mean()) if flagged.any() else None,
+            "flag_recall": float(flagged[truth_noisy].mean()), "true_noise_rate": float(truth_noisy.mean()),
+        }
+        print(f"curated: plain {res['curated']['plain']['accuracy_mean']:.2f} vs curated "
+              f"{res['curated']['curated']['accuracy_mean']:.2f}", flush=True)
+        save()
+
+    if "adaaugment" in args.parts and args.model == "airbench":
+        from dataopt.dynamic.adaaugment import AdaAugment
+        from dataopt.optimize.augment.batch import BatchAugmenter
+
+        y = bench.labels["clean"]
+        yt = torch.from_numpy(y).to(bench.device)
+        n = len(y)
+        res["adaaugment"] = {"epochs": args.ada_epochs}
+        for policy in ("none", "randaugment", "trivialaugment", "adaaugment"):
+            runs = []
+            for s in seeds[:2]:
+                kw: dict[str, Any] = {}
+                if policy in ("randaugment", "trivialaugment"):
+                    mags = torch.full((n,), 0.5 if policy == "randaugment" else 1.0, dtype=torch.float64)
+                    kw["augment_fn"] = BatchAugmenter({"image": {"policy": policy}}, mags, base="flip_crop",
+                                                      n_classes=10)
+                elif policy == "adaaugment":
+                    model_probe = bench.model(s)
+                    ada = AdaAugment(n=n, n_classes=10, feature_dim=model_probe.feature_dim,
+                                     epochs=args.ada_epochs, base="flip_crop", seed=s)
+                    # bind to the very model that trains: build it here and pass it through
+                    kw["_ada"] = ada
+                runs.append(_train_ada(bench, y, yt, s, args.ada_epochs, kw))
+            res["adaaugment"][policy] = summarise(runs)
+            print(f"adaaugment part: {policy}: {res['adaaugment'][policy]['accuracy_mean']:.2f} in "
+                  f"{res['adaaugment'][policy]['train_seconds_mean']:.1f} s", flush=True)
+            save()
+
+    res["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    save()
+    print(f"wrote {out} ({res['total_seconds']} s)")
+    return 0
+
+
+def _train_ada(bench: Bench, y: np.ndarray, yt: torch.Tensor, seed: int, epochs: int, kw: dict) -> dict:
+    ada = kw.pop("_ada", None)
+    model = bench.model(seed)
+    if ada is not None:
+        ada.bind(model, yt)
+        kw["augment_fn"] = ada
+    if bench.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    hist = loop.fit(model, bench.x, yt, bench.cfg(seed, epochs), **kw)
+    if bench.device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"accuracy": bench.accuracy(model), "train_seconds": round(time.perf_counter() - t0, 3),
+            "samples_seen": int(hist[-1]["samples_seen"]), "steps": int(hist[-1]["steps"])}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
