@@ -65,7 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--methods", nargs="+", default=["random", "infobatch", "density_consistency"])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--proxy-epochs", type=int, default=8, help="epochs of each out-of-fold proxy fold")
+    ap.add_argument("--proxy-epochs", type=int, default=12, help="epochs of each out-of-fold proxy fold")
+    ap.add_argument("--proxy-folds", type=int, default=4, help="folds of the out-of-fold proxy run")
+    ap.add_argument("--dc-sharpness", nargs="+", type=float, default=[1.0],
+                    help="density_consistency sharpness values to run (1 = the paper's proportional draw)")
     ap.add_argument("--early-epochs", type=int, default=3, help="epochs averaged into the early loss")
     ap.add_argument("--ada-epochs", type=int, default=20, help="epochs of the adaaugment comparison")
     ap.add_argument("--batch-size", type=int, default=1024)
@@ -151,13 +154,13 @@ class Bench:
                 "epochs": len(hist), "history_tail": hist[-1]}
 
     def proxy(self, y: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
-        """2-fold out-of-fold run: per-epoch OOF loss, final OOF probs, features of the fold-0 model."""
-        n, epochs = len(y), self.args.proxy_epochs
-        fold = np.random.default_rng(seed).permutation(n) % 2
+        """K-fold out-of-fold run: per-epoch OOF loss, final OOF probs, features of the fold-0 model."""
+        n, epochs, k = len(y), self.args.proxy_epochs, self.args.proxy_folds
+        fold = np.random.default_rng(seed).permutation(n) % k
         loss = np.zeros((epochs, n), np.float32)
         probs = np.zeros((n, 10), np.float32)
         feats = None
-        for f in (0, 1):
+        for f in range(k):
             tr, ho = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
             x_ho = self.x[torch.as_tensor(ho, device=self.device)]
             y_ho = torch.from_numpy(y[ho]).to(self.device)
@@ -246,18 +249,21 @@ def main(argv: list[str] | None = None) -> int:
             full = [bench.train(y, s, args.epochs) for s in seeds]
             entry["full"] = summarise(full)
             print(f"[{lab}] full: {entry['full']['accuracy_mean']:.2f}", flush=True)
+            variants = [(m, {}) for m in args.methods if m != "density_consistency"]
+            if "density_consistency" in args.methods:
+                variants += [("density_consistency", {} if sh == 1.0 else {"sharpness": sh})
+                             for sh in args.dc_sharpness]
             for budget in args.budgets:
-                for method in args.methods:
+                for method, kwargs in variants:
                     runs = []
                     for s in seeds:
-                        sel = DYNAMIC_SELECTORS.build(method, {}, budget=budget, random_state=s)
+                        sel = DYNAMIC_SELECTORS.build(method, kwargs, budget=budget, random_state=s)
                         sel.fit(len(y), args.epochs, signals if "signals" in sel.requires else None)
                         runs.append(bench.train(y, s, args.epochs, selector=sel))
-                    entry[f"{method}@{budget}"] = summarise(runs)
-                    print(f"[{lab}] {method}@{budget}: {entry[f'{method}@{budget}']['accuracy_mean']:.2f} "
-                          f"(+-{entry[f'{method}@{budget}']['accuracy_std']:.2f}), "
-                          f"cost {entry[f'{method}@{budget}']['samples_seen'] / entry['full']['samples_seen']:.3f}",
-                          flush=True)
+                    key = method + "".join(f"[{k}={v}]" for k, v in kwargs.items()) + f"@{budget}"
+                    entry[key] = summarise(runs)
+                    print(f"[{lab}] {key}: {entry[key]['accuracy_mean']:.2f} (+-{entry[key]['accuracy_std']:.2f}), "
+                          f"cost {entry[key]['samples_seen'] / entry['full']['samples_seen']:.3f}", flush=True)
             res["dynamic"][lab] = entry
             save()
 
@@ -267,17 +273,26 @@ def main(argv: list[str] | None = None) -> int:
         p_clean, info = p_clean_gated(proxy, y, args.early_epochs)
         truth_noisy = y != bench.labels["clean"]
         keep = np.flatnonzero(p_clean >= 0.5)
-        plain = [bench.train(y, s, args.epochs) for s in seeds]
-        curated = [bench.train(y, s, args.epochs, rows=keep,
-                               weights=torch.from_numpy(p_clean[keep]).float()) for s in seeds]
         flagged = p_clean < 0.5
-        res["curated"] = {
-            "plain": summarise(plain), "curated": summarise(curated), **info, "kept": int(len(keep)),
+        relabelled = y.copy()
+        relabelled[flagged] = proxy["probs"].argmax(1)[flagged]  # the suggested label (relabel perturber)
+        plain = [bench.train(y, s, args.epochs) for s in seeds]
+        variants = {
+            "filter+p_clean_weights": lambda s: bench.train(
+                y, s, args.epochs, rows=keep, weights=torch.from_numpy(p_clean[keep]).float()),
+            "filter": lambda s: bench.train(y, s, args.epochs, rows=keep),
+            "relabel": lambda s: bench.train(relabelled, s, args.epochs),
+        }
+        res["curated"] = {"plain": summarise(plain)}
+        for name, run in variants.items():
+            res["curated"][name] = summarise([run(s) for s in seeds])
+            print(f"curated {name}: {res['curated'][name]['accuracy_mean']:.2f} vs plain "
+                  f"{res['curated']['plain']['accuracy_mean']:.2f}", flush=True)
+        res["curated"].update({
+            **info, "kept": int(len(keep)), "relabel_correct": float((relabelled == bench.labels["clean"])[flagged].mean()),
             "flag_precision": float(truth_noisy[flagged].mean()) if flagged.any() else None,
             "flag_recall": float(flagged[truth_noisy].mean()), "true_noise_rate": float(truth_noisy.mean()),
-        }
-        print(f"curated: plain {res['curated']['plain']['accuracy_mean']:.2f} vs curated "
-              f"{res['curated']['curated']['accuracy_mean']:.2f}", flush=True)
+        })
         save()
 
     if "adaaugment" in args.parts and args.model == "airbench":

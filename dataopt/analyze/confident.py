@@ -276,3 +276,102 @@ class ConfidentLossMixture:
         return {"confident_learning": self.cl_.summary(), "mixture": self.mixture_.summary(),
                 "n_flagged_by_cl": int(self.cl_.is_label_issue_.sum()),
                 "n_noisy_by_mixture": int((self.mixture_.p_clean_ < 0.5).sum())}
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature ``T`` minimising the NLL of ``softmax(log p̂ / T)`` on the given labels
+    (Guo et al. 2017, "On Calibration of Modern Neural Networks", §4.2), bounded to [0.05, 20].
+
+    Uses the given (possibly noisy) labels only, like every other detector input.
+    """
+    from scipy.optimize import minimize_scalar
+
+    logp = np.log(np.clip(probs, 1e-12, 1.0))
+    rows = np.arange(len(labels))
+
+    def nll(t: float) -> float:
+        z = logp / t
+        z = z - z.max(axis=1, keepdims=True)
+        return float(-(z[rows, labels] - np.log(np.exp(z).sum(axis=1))).mean())
+
+    return float(minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded").x)
+
+
+def temperature_scale(probs: np.ndarray, t: float) -> np.ndarray:
+    """``softmax(log p̂ / t)``, ``(n, C)``."""
+    z = np.log(np.clip(probs, 1e-12, 1.0)) / t
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@DETECTORS.register("calibrated_confidence")
+class CalibratedConfidence:
+    """Confident learning's noise-rate estimate on temperature-calibrated probabilities, then a single
+    global ranking by self-confidence: flag the ``round(n * noise_rate)`` samples with the lowest
+    calibrated probability of their given label.
+
+    Why: networks trained with label smoothing (or for few epochs) are under-confident, and confident
+    learning's per-class thresholds then under-count the noise (CIFAR-10N, airbench out-of-fold
+    probabilities: 15.8 % estimated vs 17.2 % true on ``random_label1``, 6.9 % vs 9.0 % on
+    ``aggre_label``). Temperature scaling fitted on the given labels (Guo et al. 2017) fixes most of it
+    (16.7 %, 8.5 %). Ranking by self-confidence, the score with the highest AUROC in that benchmark,
+    and cutting at the estimated count is close to the best F1 any threshold reaches (the count is
+    where precision meets recall); CL's per-off-diagonal pruning by margin ranks worse there.
+
+    Parameters
+    ----------
+    calibrate : bool
+        Fit the temperature (True) or use the probabilities as given (False).
+    trust_predicted : bool
+        Never flag a sample whose predicted class equals its label.
+
+    Fitted attributes: ``temperature_``, ``cl_`` (:class:`ConfidentLearning` on the calibrated
+    probabilities), ``joint_`` (C, C), ``transition_matrix_`` (C, C), ``noise_rate_``,
+    ``self_confidence_`` (n,) calibrated ``p̂(given)``, ``is_label_issue_`` (n,), ``p_clean_`` (n,)
+    (the calibrated ``p̂(given)`` mapped monotonically so that ``p_clean < 0.5`` exactly where flagged;
+    the ranking, hence AUROC and AP, is the self-confidence's).
+    """
+
+    requires = ("probs", "labels")
+    flags_own_issues = True
+
+    def __init__(self, calibrate: bool = True, trust_predicted: bool = False):
+        self.calibrate = calibrate
+        self.trust_predicted = trust_predicted
+
+    def fit(self, probs: np.ndarray, labels: np.ndarray) -> "CalibratedConfidence":
+        """Fit on out-of-fold probabilities ``(n, C)`` and given labels ``(n,)``; returns self."""
+        probs, labels = check_probs(probs, labels)
+        self.temperature_ = fit_temperature(probs, labels) if self.calibrate else 1.0
+        q = temperature_scale(probs, self.temperature_) if self.calibrate else probs
+        self.cl_ = ConfidentLearning(trust_predicted=self.trust_predicted).fit(q, labels)
+        self.joint_, self.transition_matrix_ = self.cl_.joint_, self.cl_.transition_matrix_
+        self.noise_rate_ = self.cl_.noise_rate_
+        n = len(labels)
+        self.self_confidence_ = q[np.arange(n), labels]
+        eligible = q.argmax(axis=1) != labels if self.trust_predicted else np.ones(n, bool)
+        k = min(int(round(self.noise_rate_ * n)), int(eligible.sum()))
+        order = np.argsort(np.where(eligible, self.self_confidence_, np.inf), kind="stable")
+        self.is_label_issue_ = np.zeros(n, bool)
+        self.is_label_issue_[order[:k]] = True
+        self.p_clean_ = _split_at(self.self_confidence_, self.is_label_issue_)
+        return self
+
+    def summary(self) -> dict[str, Any]:
+        """Fitted state for analysis.json."""
+        return {"temperature": self.temperature_, "n_flagged": int(self.is_label_issue_.sum()),
+                "confident_learning": self.cl_.summary()}
+
+
+def _split_at(score: np.ndarray, flagged: np.ndarray) -> np.ndarray:
+    """Map ``score`` (n,) in [0, 1] monotonically to [0, 1] with the flagged (lowest) scores below 0.5
+    and the others at or above it: piecewise linear around the cut ``c`` between the two groups."""
+    if not flagged.any():
+        return 0.5 + 0.5 * score
+    if flagged.all():
+        return 0.499999 * score
+    c = 0.5 * (score[flagged].max() + score[~flagged].min())
+    low = 0.5 * score / max(c, 1e-12)
+    high = 0.5 + 0.5 * (score - c) / max(1.0 - c, 1e-12)
+    return np.clip(np.where(flagged, np.minimum(low, 0.499999), np.maximum(high, 0.5)), 0.0, 1.0)

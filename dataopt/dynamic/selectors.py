@@ -91,25 +91,32 @@ class InfoBatch(_Dynamic):
     rescaling of the expected gradient); the last ``delta`` of the epochs ("annealing") use all data.
 
     Equal-cost adaptation (documented deviation): the paper fixes ``r`` and saves what it saves; here
-    ``r`` is solved every epoch so the run meets the budget - the non-annealed epochs share what the
-    annealed ones leave, ``r = min(1, (n - k_e) / n_low)``. When even ``r = 1`` is not enough (budgets
-    below what pruning only well-learned samples can reach), the remainder is pruned uniformly from the
-    other samples without re-weighting (``stats_["overflow"]`` counts them). Samples not yet seen (no
-    loss, e.g. the first epoch) count as not well-learned, so the first epoch is a random subset.
+    every epoch must train on ``k_e`` samples (the non-annealed epochs share what the annealed ones
+    leave). InfoBatch's own pruning removes ``r = min(prune_ratio, (n - k_e) / n_low)`` of the
+    well-learned samples with the ``1 / (1 - r)`` rescaling; what the budget still asks for is pruned
+    uniformly from all remaining samples, without re-weighting (unbiased, so the rescaling stays right;
+    ``stats_["overflow"]`` counts them). Solving ``r`` without the cap made it reach 0.9+ at half the
+    cost, i.e. weights of 10-20x, and training diverged (CIFAR-10, airbench, budget 0.5: 74% +- 6 vs
+    88.6% for random). Samples not yet seen (no loss, e.g. the first epoch) count as not well-learned.
 
     Parameters
     ----------
     budget : fraction of full-data sample-steps, in (0, 1]
     delta : share of the last epochs trained on all data (0.125 in the paper)
+    prune_ratio : the largest ``r`` (0.5, the paper's default)
     """
 
-    def __init__(self, budget: float = 0.5, random_state: Optional[int] = 0, delta: float = 0.125):
+    def __init__(self, budget: float = 0.5, random_state: Optional[int] = 0, delta: float = 0.125,
+                 prune_ratio: float = 0.5):
         super().__init__(budget, random_state)
         self.delta = delta
+        self.prune_ratio = prune_ratio
 
     def _sizes(self, n: int, epochs: int) -> list[int]:
         if not 0 <= self.delta < 1:
             raise ConfigError(f"infobatch: delta must be in [0, 1), got {self.delta}")
+        if not 0 < self.prune_ratio < 1:
+            raise ConfigError(f"infobatch: prune_ratio must be in (0, 1), got {self.prune_ratio}")
         total = round(self.budget * n * epochs) if 0 < self.budget <= 1 else super()._sizes(n, epochs)
         anneal = math.ceil(self.delta * epochs) if self.delta else 0
         # fewer full epochs when the budget cannot pay for them and one sample per other epoch
@@ -128,15 +135,15 @@ class InfoBatch(_Dynamic):
         low = seen & (loss < loss[seen].mean()) if bool(seen.any()) else torch.zeros(n, dtype=torch.bool)
         low_idx, high_idx = torch.nonzero(low).flatten(), torch.nonzero(~low).flatten()
         prune = n - k
-        r = min(1.0, prune / max(1, len(low_idx)))
-        n_drop_low = min(prune, len(low_idx))
+        r = min(self.prune_ratio, prune / max(1, len(low_idx)))
+        n_drop_low = min(prune, round(r * len(low_idx)))
         kept_low = low_idx[torch.randperm(len(low_idx), generator=gen)[n_drop_low:]]
+        survivors = torch.cat([kept_low, high_idx])
+        weights = torch.ones(len(survivors))
+        weights[: len(kept_low)] = 1.0 / (1.0 - r)
         overflow = prune - n_drop_low
-        kept_high = high_idx[torch.randperm(len(high_idx), generator=gen)[overflow:]]
-        chosen = torch.cat([kept_low, kept_high])
-        weights = torch.ones(len(chosen))
-        if r < 1.0:
-            weights[: len(kept_low)] = 1.0 / (1.0 - r)
+        keep = torch.randperm(len(survivors), generator=gen)[overflow:]
+        chosen, weights = survivors[keep], weights[keep]
         self.stats_ = {"selected": int(len(chosen)), "prune_rate": round(r, 4), "overflow": int(overflow)}
         return chosen, weights
 

@@ -21,7 +21,7 @@ from dataopt.embed.base import torch_device
 from dataopt.errors import ConfigError, DataError
 from dataopt.io import save_npz
 from dataopt.train.loop import FitConfig, fit, images_to_tensor, normalise, seeded
-from dataopt.train.nets import Head, SmallCNN
+from dataopt.train.nets import Head
 
 
 @dataclass
@@ -79,17 +79,25 @@ def features_and_logits(model: torch.nn.Module, x: torch.Tensor,
                         batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """``(N,)`` float32 norms of the penultimate features and ``(N, C)`` float32 logits, in one pass.
 
-    ``model`` has ``features`` and a final linear ``fc`` (:class:`Head`, :class:`SmallCNN`); as
+    ``model`` ends in a linear ``fc`` (:class:`Head`, every ``MODELS`` network). The logits are the
+    model's own output (so a scaled head, e.g. airbench's ``fc(h) / 9``, or flip test-time augmentation
+    is honoured); the features are what ``fc`` reads, caught by a forward hook (averaged over the
+    calls when the model calls ``fc`` more than once, as flip TTA does). As
     :func:`dataopt.train.loop.predict_logits`, bfloat16 autocast on CUDA.
     """
     model.eval()
     use_amp = x.device.type == "cuda"
+    seen: list[torch.Tensor] = []
+    hook = model.fc.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].float().norm(dim=1)))
     norms, logits = [], []
-    for s in range(0, len(x), batch_size):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            h = model.features(normalise(x[s : s + batch_size]))
-            logits.append(model.fc(h).float())
-        norms.append(h.float().norm(dim=1))
+    try:
+        for s in range(0, len(x), batch_size):
+            seen.clear()
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits.append(model(normalise(x[s : s + batch_size])).float())
+            norms.append(torch.stack(seen).mean(0))
+    finally:
+        hook.remove()
     if not logits:
         return torch.zeros(0, device=x.device), torch.zeros((0, model.fc.out_features), device=x.device)
     return torch.cat(norms), torch.cat(logits)
@@ -100,17 +108,50 @@ def fold_seed(seed: int, fold: int) -> int:
     return int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])
 
 
+def resolve_model(model: str) -> str:
+    """The network behind a ``perceive.model`` value: ``"head"``, or a ``MODELS`` name (``"cnn"`` is
+    the historical alias of ``"small_cnn"``). Unknown names raise a ConfigError listing the valid ones."""
+    from dataopt.registry import MODELS, load_plugins
+
+    name = IMAGE_ALIASES.get(model, model)
+    if name == "head":
+        return name
+    load_plugins()
+    if name not in MODELS:
+        raise ConfigError(f"unknown perceive model {model!r}; valid: {', '.join(perceive_models())}")
+    return name
+
+
+def perceive_models() -> list[str]:
+    """Every valid ``perceive.model``: head, the aliases, and the registered image ``MODELS``."""
+    from dataopt.registry import MODELS, load_plugins
+
+    load_plugins()
+    return ["head", *IMAGE_ALIASES, *MODELS.names()]
+
+
+IMAGE_ALIASES = {"cnn": "small_cnn"}
+
+
 class OOFDynamics:
-    """Record out-of-fold training dynamics with a ``head`` (on embeddings) or ``cnn`` (on images).
+    """Record out-of-fold training dynamics with a ``head`` (on embeddings) or an image network.
 
     Parameters
     ----------
-    model : "head" | "cnn"
+    model : "head" | "cnn" | a ``MODELS`` name
+        ``head``: a linear (or one-hidden-layer) head on the embeddings. Otherwise an image network built
+        by :func:`dataopt.train.trainer.build_model` (``cnn`` = ``small_cnn``; ``airbench``,
+        ``resnet18`` for a strong proxy on a GPU).
     hidden : int
         Head only: width of one hidden layer (0 = linear).
     width : int
-        CNN only: SmallCNN width.
+        Image networks: width (ignored by networks without one).
     folds, epochs, batch_size, lr, weight_decay : the K-fold training runs.
+    augment : "none" | "crop" | "flip_crop"
+        Image networks: per-batch augmentation of :func:`dataopt.train.loop.fit`; with ``flip_crop``
+        the network also averages its logits over the mirror image when it supports it (``flip_tta``).
+    label_smoothing : float
+        Label smoothing of the training loss (the recorded losses are plain cross-entropy).
     max_seconds : float or None
         Budget per fold; a fold stops after the epoch that crosses it. Only the epochs every fold
         completed are kept, so all rows are scored at the same epochs.
@@ -131,6 +172,8 @@ class OOFDynamics:
         batch_size: int = 128,
         lr: float = 0.05,
         weight_decay: float = 5e-4,
+        augment: str = "none",
+        label_smoothing: float = 0.0,
         max_seconds: Optional[float] = None,
         device: str = "auto",
         random_state: int = 0,
@@ -143,29 +186,33 @@ class OOFDynamics:
         self.batch_size = batch_size
         self.lr = lr
         self.weight_decay = weight_decay
+        self.augment = augment
+        self.label_smoothing = label_smoothing
         self.max_seconds = max_seconds
         self.device = device
         self.random_state = random_state
 
     def _inputs(self, x: np.ndarray, dev: torch.device) -> torch.Tensor:
-        if self.model == "head":
+        if self.model_ == "head":
             if x.ndim != 2:
                 raise DataError(f"perceive model 'head' needs (n, d) embeddings, got shape {x.shape}")
             return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
-        if self.model == "cnn":
-            if x.ndim != 4 or x.dtype != np.uint8:
-                raise DataError(
-                    f"perceive model 'cnn' needs uint8 (n, H, W, 3) images, got {x.dtype} {x.shape}"
-                )
-            return images_to_tensor(np.array(x), dev)
-        raise ConfigError(f"unknown perceive model {self.model!r}; valid: head, cnn")
+        if x.ndim != 4 or x.dtype != np.uint8:
+            raise DataError(
+                f"perceive model {self.model!r} needs uint8 (n, H, W, 3) images, got {x.dtype} {x.shape}"
+            )
+        return images_to_tensor(np.array(x), dev)
 
     def _build(self, x: torch.Tensor, n_classes: int, seed: int) -> torch.nn.Module:
-        with seeded(seed):
-            if self.model == "head":
+        if self.model_ == "head":
+            with seeded(seed):
                 return Head(x.shape[1], n_classes, hidden=int(self.hidden))
-            return SmallCNN(n_classes, in_channels=x.shape[1], width=int(self.width),
-                            image_size=min(x.shape[2], x.shape[3]))
+        from dataopt.train.trainer import build_model
+
+        model, _ = build_model(self.model_, seed, n_classes, in_channels=x.shape[1], width=int(self.width),
+                               image_size=min(x.shape[2], x.shape[3]),
+                               flip_tta=self.augment == "flip_crop")
+        return model
 
     def fit(self, features: np.ndarray, labels: np.ndarray, n_classes: int,
             sample_id: Optional[np.ndarray] = None) -> "OOFDynamics":
@@ -173,13 +220,17 @@ class OOFDynamics:
 
         Parameters
         ----------
-        features : (n, d) float embeddings (model "head") or (n, H, W, 3) uint8 images (model "cnn")
+        features : (n, d) float embeddings (model "head") or (n, H, W, 3) uint8 images (image networks)
         labels : (n,) int64 given labels in ``[0, n_classes)``
         n_classes : int
         sample_id : (n,) int64, stored in ``dynamics_`` (default ``arange(n)``)
 
-        Sets ``dynamics_`` (:class:`Dynamics`) and ``history_`` (per fold, per epoch rows of ``fit``).
+        Sets ``dynamics_`` (:class:`Dynamics`), ``history_`` (per fold, per epoch rows of ``fit``),
+        ``model_`` (the network's resolved name) and ``device_``.
         """
+        self.model_ = resolve_model(self.model)
+        if self.augment not in ("none", "crop", "flip_crop"):
+            raise ConfigError(f"unknown perceive augment {self.augment!r}; valid: none, crop, flip_crop")
         labels = np.asarray(labels, dtype=np.int64)
         n = len(labels)
         if n < self.folds:
@@ -213,7 +264,7 @@ class OOFDynamics:
             fold[te] = f
             tr_t, te_t = torch.from_numpy(tr).to(dev), torch.from_numpy(te).to(dev)
             x_tr, x_te = x[tr_t], x[te_t]
-            if self.model == "head":
+            if self.model_ == "head":
                 # centre, and scale by ONE factor so the mean per-coordinate variance is 1 (training
                 # folds' statistics): unit-norm embeddings are too small for SGD at usual learning
                 # rates, and a per-coordinate scale would blow up the embedding's noisy directions
@@ -252,6 +303,7 @@ class OOFDynamics:
             model = self._build(x, C, seed).to(dev)
             cfg = FitConfig(epochs=E, batch_size=int(self.batch_size), lr=float(self.lr),
                             weight_decay=float(self.weight_decay), seed=seed,
+                            label_smoothing=float(self.label_smoothing), augment=self.augment,
                             max_seconds=self.max_seconds, progress=False,
                             desc=f"perceive fold {f + 1}/{self.folds}")
             history = fit(model, x_tr, y[tr_t], cfg, on_epoch=on_epoch)

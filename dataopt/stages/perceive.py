@@ -88,8 +88,8 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     features = emb_train if cfg.model == "head" else read_images(paths, n_rows)[train_idx]
     oof = OOFDynamics(
         model=cfg.model, hidden=cfg.hidden, width=cfg.width, folds=cfg.folds, epochs=cfg.epochs,
-        batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-        max_seconds=cfg.max_seconds, device=cfg.device, random_state=params.seed,
+        batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, augment=cfg.augment,
+        label_smoothing=cfg.label_smoothing, max_seconds=cfg.max_seconds, device=cfg.device, random_state=params.seed,
     ).fit(features, labels, n_classes, sample_id=sample_id)
     dyn = oof.dynamics_
     early_used = min(cfg.early_epochs, dyn.epochs_completed)
@@ -130,6 +130,9 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
         "epochs_per_fold": dyn.epochs_per_fold.tolist(),
         "early_epochs_used": early_used,
         "model": cfg.model,
+        "network": oof.model_,
+        "augment": cfg.augment,
+        "label_smoothing": cfg.label_smoothing,
         "folds": cfg.folds,
         "device": oof.device_,
         "seconds": seconds,

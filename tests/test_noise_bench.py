@@ -1,0 +1,215 @@
+"""bench/noise.py: saved dynamics (--save-dynamics) re-analysed (--from-dynamics) give the same results,
+on a tiny synthetic parquet shaped like CIFAR-10N; the file's size at n = 50,000."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dataopt.io import save_npy, save_npz, write_parquet
+from dataopt.paths import Paths
+from dataopt.perceive import Dynamics
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+noise = pytest.importorskip("noise")
+pytest.importorskip("cleanlab")
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _jpeg(rng: np.random.Generator, label: int) -> bytes:
+    """A random 32x32 JPEG tinted by its class (so the proxy learns something)."""
+    px = rng.integers(0, 120, size=(32, 32, 3))
+    px[:, :, label % 3] += 60 + 12 * label
+    buf = io.BytesIO()
+    Image.fromarray(px.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _cifar10n_like(folder: Path, n_train: int = 300, n_test: int = 40, seed: int = 0) -> Path:
+    """train.parquet / test.parquet with CIFAR-10N's columns (id, image, label, label_name,
+    aggre_label, random_label1, source_path); ~10% / ~20% of the noisy labels differ from ``label``."""
+    rng = np.random.default_rng(seed)
+
+    def table(n: int, noisy: bool) -> pa.Table:
+        label = np.arange(n) % 10
+        cols = {"id": pa.array(np.arange(n), pa.int32()),
+                "image": pa.array([_jpeg(rng, int(c)) for c in label], pa.binary()),
+                "label": pa.array(label, pa.int16()),
+                "label_name": pa.array([CLASSES[c] for c in label]).dictionary_encode()}
+        if noisy:
+            for col, rate in (("aggre_label", 0.1), ("random_label1", 0.2)):
+                flip = rng.random(n) < rate
+                noisy_label = np.where(flip, (label + rng.integers(1, 10, n)) % 10, label)
+                cols[col] = pa.array(noisy_label, pa.int16())
+        cols["source_path"] = pa.array([f"{'train' if noisy else 'test'}/{CLASSES[c]}/{i:04d}.jpg"
+                                        for i, c in enumerate(label)])
+        return pa.table(cols)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table(n_train, True), folder / "train.parquet")
+    pq.write_table(table(n_test, False), folder / "test.parquet")
+    return folder
+
+
+def _strip_seconds(run: dict) -> dict:
+    return {name: {k: v for k, v in m.items() if k != "seconds"} for name, m in run["methods"].items()}
+
+
+def test_save_then_from_dynamics_reproduces_the_direct_run(tmp_path: Path, capsys):
+    data = _cifar10n_like(tmp_path / "cifar10n")
+    dyn_dir, direct_out, again_out = tmp_path / "dyn", tmp_path / "direct", tmp_path / "again"
+    common = ["--label-columns", "random_label1", "aggre_label"]
+    assert noise.main(["--data", str(data), "--n", "0", "--seeds", "1", *common,
+                       "--embed-kwargs", '{"dim": 16}', "--perceive-model", "small_cnn", "--width", "4",
+                       "--epochs", "2", "--folds", "2", "--batch-size", "64", "--lr", "0.1",
+                       "--weight-decay", "0.001",
+                       "--augment", "crop", "--label-smoothing", "0.1",
+                       "--out", str(direct_out), "--save-dynamics", str(dyn_dir)]) == 0
+    assert sorted(p.name for p in dyn_dir.iterdir()) == ["aggre_label_s0.npz", "random_label1_s0.npz"]
+    assert noise.main(["--from-dynamics", str(dyn_dir), *common, "--out", str(again_out)]) == 0
+    printed = capsys.readouterr().out
+    assert "proxy small_cnn (2 epochs on cpu)" in printed
+
+    for col in ("random_label1", "aggre_label"):
+        direct = json.loads((direct_out / f"noise_{col}.json").read_text())
+        again = json.loads((again_out / f"noise_{col}.json").read_text())
+        (d_run,), (a_run,) = direct["runs"], again["runs"]
+        assert d_run["n"] == a_run["n"] == 300
+        assert 0.05 < d_run["true_noise_rate"] < 0.35
+        assert _strip_seconds(d_run) == _strip_seconds(a_run)  # every detector and cleanlab, exactly
+        assert set(d_run["methods"]) >= {"gmm", "bmm", "confident_learning", "cl_mixture", "cleanlab"}
+        for key in ("true_noise_rate", "oof_accuracy", "oof_accuracy_vs_clean"):
+            assert d_run[key] == a_run[key]
+        assert direct["summary"] == again["summary"]
+        # where the probabilities came from: the proxy run's meta, kept by the saved file
+        src = a_run["dynamics"]
+        assert src["source"].startswith("saved dynamics (perceive on ")
+        assert src["file"].endswith(f"{col}_s0.npz")
+        assert src["network"] == "small_cnn" and src["device"] == "cpu" and src["epochs_completed"] == 2
+        assert src["perceive"]["augment"] == "crop" and src["perceive"]["label_smoothing"] == 0.1
+        assert src["perceive"]["batch_size"] == 64 and src["perceive"]["lr"] == 0.1
+        assert src["perceive"]["weight_decay"] == 0.001
+        assert src["oof_accuracy"] == d_run["dynamics"]["oof_accuracy"] == d_run["oof_accuracy"]
+        assert again["dynamics_from"] == str(dyn_dir) and direct["dynamics_from"] == "perceive (this run)"
+
+
+def _perceived_project(root: Path, n: int, epochs: int, k: int = 10, C: int = 10, dim: int = 32,
+                       seed: int = 0) -> Paths:
+    """The artifacts analyze reads, with realistic value types: a noisy proxy's dynamics, the signal
+    catalogue's column types (float64 means, float32-exact last-epoch values, integers, a bool),
+    hash-like sample ids, a random kNN graph."""
+    rng = np.random.default_rng(seed)
+    paths = Paths.at(root)
+    sid = rng.integers(0, 2**62, n)
+    clean = rng.integers(0, C, n)
+    label = np.where(rng.random(n) < 0.17, rng.integers(0, C, n), clean)
+    write_parquet(paths.stage("ingest") / "samples.parquet", pa.table({
+        "sample_id": pa.array(sid, pa.int64()), "split": pa.array(["train"] * n),
+        "label": pa.array(label, pa.int64()), "label_name": pa.array([CLASSES[c] for c in label]),
+        "label_clean": pa.array(clean, pa.int64())}))
+    save_npy(paths.stage("embed") / "embeddings.npy", rng.normal(size=(n, dim)).astype(np.float32))
+    save_npz(paths.stage("embed") / "knn.npz", sample_id=sid, indices=rng.integers(0, n, (n, k)),
+             distances=np.sort(rng.uniform(0.2, 1.0, (n, k)), axis=1).astype(np.float32))
+    logits = (rng.normal(size=(epochs, n, C)) * np.linspace(1, 4, epochs)[:, None, None]).astype(np.float32)
+    logits[:, np.arange(n), clean] += 2.0
+    p = np.exp(logits - logits.max(2, keepdims=True))
+    p /= p.sum(2, keepdims=True)
+    rows = np.arange(n)
+    p_y = p[:, rows, label]
+    other = p.copy()
+    other[:, rows, label] = -1
+    z_other = logits.copy()
+    z_other[:, rows, label] = -np.inf
+    Dynamics(sample_id=sid, fold=rng.integers(0, 4, n), loss=-np.log(p_y), p_label=p_y,
+             margin=p_y - other.max(2), correct=p.argmax(2) == label,
+             logit_margin=logits[:, rows, label] - z_other.max(2),
+             error_norm=np.linalg.norm(p - np.eye(C, dtype=np.float32)[label], axis=2),
+             feature_norm=rng.uniform(5, 15, (epochs, n)).astype(np.float32), probs=p[-1],
+             epochs_completed=epochs, epochs_per_fold=np.full(4, epochs)).save(
+        paths.stage("perceive") / "dynamics.npz")
+    cols = {"sample_id": pa.array(sid, pa.int64()), "label": pa.array(label, pa.int64())}
+    for i in range(14):  # means / variances / kNN statistics: full float64 mantissas
+        cols[f"f64_{i}"] = pa.array(rng.normal(size=n), pa.float64())
+    for i in range(4):  # last-epoch values stored from float32
+        cols[f"f32_{i}"] = pa.array(rng.normal(size=n).astype(np.float32).astype(np.float64), pa.float64())
+    cols["forgetting"] = pa.array(rng.integers(0, 4, n), pa.int64())
+    cols["pred_label"] = pa.array(p[-1].argmax(1), pa.int64())
+    cols["correct_last"] = pa.array(p[-1].argmax(1) == label, pa.bool_())
+    table = pa.table(cols).replace_schema_metadata({b"dataopt.signals": b'{"f64_0": {}}'})
+    write_parquet(paths.stage("perceive") / "signals.parquet", table)
+    return paths
+
+
+def test_restore_is_lossless_for_what_the_detectors_read(tmp_path: Path):
+    src = _perceived_project(tmp_path / "src", n=500, epochs=5)
+    size = noise.save_dynamics(src.root, tmp_path / "x_s0.npz", {"label_column": "x", "seed": 0,
+                                                                  "oof_accuracy": 0.5})
+    meta = noise.restore_project(tmp_path / "x_s0.npz", tmp_path / "dst")
+    assert size == (tmp_path / "x_s0.npz").stat().st_size and meta["oof_accuracy"] == 0.5
+    a, b = src.artifacts, tmp_path / "dst" / "artifacts"
+    sig_a = pq.read_table(a / "perceive" / "signals.parquet")
+    assert sig_a.equals(pq.read_table(b / "perceive" / "signals.parquet"), check_metadata=True)
+    da, db = Dynamics.load(a / "perceive" / "dynamics.npz"), Dynamics.load(b / "perceive" / "dynamics.npz")
+    for name in ("sample_id", "fold", "correct", "probs", "epochs_per_fold"):
+        np.testing.assert_array_equal(getattr(da, name), getattr(db, name))
+    assert db.probs.dtype == np.float32 and da.epochs_completed == db.epochs_completed == 5
+    for name in ("loss", "p_label", "margin", "logit_margin", "error_norm", "feature_norm"):
+        x, y = getattr(da, name), getattr(db, name)
+        assert y.dtype == np.float32 and y.shape == x.shape
+        np.testing.assert_allclose(y, x, rtol=2e-3, atol=1e-4)  # float16
+    cols = ["sample_id", "split", "label", "label_name", "label_clean"]
+    assert pq.read_table(a / "ingest" / "samples.parquet", columns=cols).equals(
+        pq.read_table(b / "ingest" / "samples.parquet", columns=cols))
+    with np.load(a / "embed" / "knn.npz") as ka, np.load(b / "embed" / "knn.npz") as kb:
+        np.testing.assert_array_equal(ka["indices"], kb["indices"])
+        np.testing.assert_allclose(ka["distances"], kb["distances"], rtol=1e-3)
+    assert np.load(b / "embed" / "embeddings.npy").shape == (500, 2)
+
+
+def test_file_stays_under_15_mb_at_50k_rows(tmp_path: Path):
+    """n = 50,000, C = k = 10, 20 epochs of incompressible synthetic values (an upper bound for real
+    runs): the per-epoch arrays are thinned to fit, keeping the early-loss window and the last epoch."""
+    src = _perceived_project(tmp_path / "src", n=50_000, epochs=20)
+    size = noise.save_dynamics(src.root, tmp_path / "big_s0.npz", {"label_column": "big", "seed": 0})
+    meta = noise.restore_project(tmp_path / "big_s0.npz", tmp_path / "dst")
+    kept = meta["dynamics_epochs"]
+    print(f"\n20 epochs, n = 50,000: {size / 1e6:.2f} MB, epochs kept {kept}")
+    assert size < 15e6
+    assert kept[:3] == [1, 2, 3] and kept[-1] == 20 and 4 <= len(kept) < 20 and kept == sorted(set(kept))
+    da = Dynamics.load(src.artifacts / "perceive" / "dynamics.npz")
+    db = Dynamics.load(tmp_path / "dst" / "artifacts" / "perceive" / "dynamics.npz")
+    assert db.epochs_completed == len(kept) and db.loss.shape == (len(kept), 50_000)
+    np.testing.assert_array_equal(db.correct, da.correct[np.array(kept) - 1])
+    np.testing.assert_array_equal(db.probs, da.probs)
+
+
+def test_unthinned_when_it_fits_and_an_error_when_nothing_fits(tmp_path: Path):
+    src = _perceived_project(tmp_path / "src", n=400, epochs=6)
+    noise.save_dynamics(src.root, tmp_path / "a_s0.npz", {"label_column": "a", "seed": 0})
+    meta = noise.restore_project(tmp_path / "a_s0.npz", tmp_path / "a")
+    assert meta["dynamics_epochs"] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match="over 0.0 MB even with the dynamics of"):
+        noise.save_dynamics(src.root, tmp_path / "b_s0.npz", {"label_column": "b", "seed": 0}, max_bytes=1000)
+    assert not (tmp_path / "b_s0.npz").exists()
+
+
+def test_skip_analysis_only_saves(tmp_path: Path):
+    data = _cifar10n_like(tmp_path / "cifar10n", n_train=120, n_test=20)
+    args = ["--data", str(data), "--n", "0", "--seeds", "1", "--label-columns", "aggre_label",
+            "--embed-kwargs", '{"dim": 8}', "--hidden", "0", "--epochs", "2", "--folds", "2",
+            "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="--skip-analysis needs --save-dynamics"):
+        noise.main([*args, "--skip-analysis"])
+    assert noise.main([*args, "--skip-analysis", "--save-dynamics", str(tmp_path / "dyn")]) == 0
+    assert (tmp_path / "dyn" / "aggre_label_s0.npz").exists() and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit, match="no random_label1_s<seed>.npz in"):
+        noise.main(["--from-dynamics", str(tmp_path / "dyn"), "--label-columns", "random_label1"])
