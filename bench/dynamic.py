@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -70,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dc-sharpness", nargs="+", type=float, default=[1.0],
                     help="density_consistency sharpness values to run (1 = the paper's proportional draw)")
     ap.add_argument("--early-epochs", type=int, default=3, help="epochs averaged into the early loss")
+    ap.add_argument("--curate-detector", default="gmm", choices=["gmm", "calibrated_confidence"],
+                    help="curated part: the analysis (gmm = the analyze stage's default, gated)")
     ap.add_argument("--ada-epochs", type=int, default=20, help="epochs of the adaaugment comparison")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=1.5, help="airbench recipe in mean-loss units")
@@ -270,7 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     if "curated" in args.parts and "random_label1" in bench.labels:
         y = bench.labels["random_label1"]
         proxy = proxies.get("random_label1") or bench.proxy(y)
-        p_clean, info = p_clean_gated(proxy, y, args.early_epochs)
+        if args.curate_detector == "gmm":
+            p_clean, info = p_clean_gated(proxy, y, args.early_epochs)
+        else:
+            from dataopt.analyze.confident import CalibratedConfidence
+
+            det = CalibratedConfidence().fit(proxy["probs"], y)
+            p_clean, info = det.p_clean_, {"noise_rate": det.noise_rate_, "flagged": int(det.is_label_issue_.sum())}
+        info["detector"] = args.curate_detector
         truth_noisy = y != bench.labels["clean"]
         keep = np.flatnonzero(p_clean >= 0.5)
         flagged = p_clean < 0.5

@@ -44,7 +44,7 @@ def fit(name, probs, labels, signals, **kw):
     return fit_method(DETECTORS.build(name, kw, random_state=0), inputs)
 
 
-@pytest.mark.parametrize("name", ["gmm", "bmm", "confident_learning", "cl_mixture"])
+@pytest.mark.parametrize("name", ["gmm", "bmm", "confident_learning", "cl_mixture", "calibrated_confidence"])
 def test_every_detector_finds_planted_noise(name):
     probs, given, _, noisy, signals = planted()
     det = fit(name, probs, given, signals)
@@ -190,3 +190,39 @@ def test_projection_subsample_is_seeded_and_bounded():
     cat = report.flag_category(np.array([1, 0, 0, 0], bool), np.array([1, 1, 0, 0], bool),
                                np.array([0, 1, 1, 0], bool))
     assert cat.tolist() == ["label issue", "outlier", "near duplicate", "clean"]
+
+
+def test_temperature_fit_recovers_a_planted_temperature():
+    from dataopt.analyze.confident import fit_temperature, temperature_scale
+
+    rng = np.random.default_rng(0)
+    n, C = 20000, 5
+    logits = rng.normal(0, 2.0, (n, C))
+    true_p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(C, p=row) for row in true_p])  # labels drawn from the true probs
+    softened = temperature_scale(true_p, 2.0)  # an under-confident model: logits divided by 2
+    t = fit_temperature(softened, labels)
+    assert abs(t - 0.5) < 0.05  # dividing by 0.5 undoes the softening
+    np.testing.assert_allclose(temperature_scale(softened, t), true_p, atol=0.03)
+
+
+def test_calibrated_confidence_flags_the_estimated_count_by_self_confidence():
+    from dataopt.analyze.confident import temperature_scale
+
+    probs, given, _, noisy, signals = planted(rate=0.15, seed=3)
+    soft = temperature_scale(probs, 2.5)  # under-confident probabilities, as label smoothing gives
+    cal = fit("calibrated_confidence", soft, given, signals)
+    raw = fit("calibrated_confidence", soft, given, signals, calibrate=False)
+    # the flags are exactly the round(n * noise_rate) lowest calibrated self-confidences
+    k = int(round(cal.noise_rate_ * len(given)))
+    assert cal.is_label_issue_.sum() == k
+    lowest = np.argsort(cal.self_confidence_, kind="stable")[:k]
+    assert cal.is_label_issue_[lowest].all()
+    # p_clean keeps the self-confidence ranking and puts exactly the flagged below 0.5
+    assert ((cal.p_clean_ < 0.5) == cal.is_label_issue_).all()
+    order = np.argsort(cal.self_confidence_)
+    assert (np.diff(cal.p_clean_[order]) >= -1e-12).all()
+    # the softened probabilities are sharpened again, and the noise rate is estimated well
+    assert cal.temperature_ < 0.6 and raw.temperature_ == 1.0
+    assert abs(cal.noise_rate_ - noisy.mean()) < 0.02
+    assert f1_score(noisy, cal.is_label_issue_) > 0.8
