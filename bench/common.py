@@ -2,7 +2,22 @@
 ``sys.path``)."""
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import numpy as np
+
+CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10"
+
+
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose description is the module docstring's first paragraph and whose epilog is its
+    ``Examples`` section, with ``--data`` defaulting to ``../shared/datasets/cifar10``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc[doc.index("Examples"):],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=CIFAR10,
+                    help="CIFAR-10N folder (train.parquet, test.parquet)")
+    return ap
 
 
 def stratified_subset(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:

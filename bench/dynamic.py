@@ -42,18 +42,15 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
 
+from common import argument_parser  # noqa: E402
 from dataopt.registry import DYNAMIC_SELECTORS, load_plugins  # noqa: E402
 from dataopt.train import loop  # noqa: E402
 from dataopt.train.nets import AirbenchNet, Head  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__[__doc__.index("Examples"):],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DATA, help="folder with train.parquet and test.parquet")
+    ap = argument_parser(__doc__)
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/dynamic_<device>.json)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--model", default="airbench", choices=["airbench", "head"])

@@ -39,17 +39,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from common import stratified_subset
+from common import argument_parser, stratified_subset
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__[__doc__.index("Examples"):],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DATA, help="CIFAR-10N folder (train.parquet)")
+    ap = argument_parser(__doc__)
     ap.add_argument("--label-columns", nargs="+", default=["random_label1", "aggre_label"])
     ap.add_argument("--n", type=int, default=10000,
                     help="stratified subset of the 50k training rows (0 = all); fixed across seeds")

@@ -31,10 +31,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from common import stratified_subset
+from common import argument_parser, stratified_subset
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
 DEFAULT_SELECTORS = ["random", "herding", "kcenter", "moderate", "el2n_easy", "el2n_hard",
                      "el2n_moderate", "aum_easy", "forgetting_moderate", "grand_moderate",
                      "coverage", "semantic_dedup", "noise_filter", "clip_selection",
@@ -42,10 +41,7 @@ DEFAULT_SELECTORS = ["random", "herding", "kcenter", "moderate", "el2n_easy", "e
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__[__doc__.index("Examples"):],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DATA, help="CIFAR-10N folder (train/test.parquet)")
+    ap = argument_parser(__doc__)
     ap.add_argument("--label-columns", nargs="+", default=["random_label1", "label"])
     ap.add_argument("--n", type=int, default=10000,
                     help="stratified subset of the 50k training rows (0 = all)")

@@ -217,3 +217,14 @@ def map_fresh_workers(fn, specs):
         embed_stage.forget()
         out.append(pickle.loads(pickle.dumps(fn))(pickle.loads(pickle.dumps(spec))))
     return out
+
+
+def identity_plan(samples: pd.DataFrame, keep: np.ndarray | None = None) -> pd.DataFrame:
+    """A plan over the train rows of ``samples`` that changes nothing but ``keep`` (all by default)."""
+    tr = samples[samples["split"] == "train"]
+    n = len(tr)
+    return pd.DataFrame({
+        "sample_id": tr["sample_id"].to_numpy(), "keep": np.ones(n, bool) if keep is None else keep,
+        "weight": np.ones(n), "sampling_weight": np.ones(n), "augment_magnitude": np.zeros(n),
+        "new_label": tr["label"].to_numpy(), "reason": np.full(n, "test"),
+    })

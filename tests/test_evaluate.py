@@ -22,6 +22,7 @@ from dataopt.schema import PLAN_COLUMNS, SAMPLES_COLUMNS
 from dataopt.stages import evaluate as evaluate_stage
 from dataopt.stages import run_stage
 from dataopt.stages import train as train_stage
+from conftest import identity_plan
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -109,14 +110,7 @@ def digits_project(root) -> Paths:
 
 
 def plan_keeping(paths: Paths, keep: np.ndarray | None = None) -> None:
-    s = pd.read_parquet(paths.artifacts / "ingest" / "samples.parquet")
-    tr = s[s["split"] == "train"]
-    n = len(tr)
-    plan = pd.DataFrame({
-        "sample_id": tr["sample_id"].to_numpy(), "keep": np.ones(n, bool) if keep is None else keep,
-        "weight": np.ones(n), "sampling_weight": np.ones(n), "augment_magnitude": np.zeros(n),
-        "new_label": tr["label"].to_numpy(), "reason": np.full(n, "test"),
-    })
+    plan = identity_plan(pd.read_parquet(paths.artifacts / "ingest" / "samples.parquet"), keep)
     write_parquet(paths.stage("optimize") / "plan.parquet", plan[list(PLAN_COLUMNS)])
 
 

@@ -21,6 +21,7 @@ from dataopt.stages import run_stage
 from dataopt.train import save_model
 from dataopt.train.head import train_head
 from dataopt.train.trainer import build_model, train_set_from_plan
+from conftest import identity_plan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
@@ -64,13 +65,7 @@ def train_saved_head(paths: Paths, keep: np.ndarray | None = None, history: list
     """Train a head on the plan ``keep`` through train_head; save it (config keys in ``drop`` left
     out) and a history (``history``, else the real one) as the train stage would."""
     s = samples(paths)
-    tr = s[s["split"] == "train"]
-    n = len(tr)
-    plan = pd.DataFrame({
-        "sample_id": tr["sample_id"].to_numpy(), "keep": np.ones(n, bool) if keep is None else keep,
-        "weight": np.ones(n), "sampling_weight": np.ones(n), "augment_magnitude": np.zeros(n),
-        "new_label": tr["label"].to_numpy(), "reason": np.full(n, "test"),
-    })
+    plan = identity_plan(s, keep)
     ts = train_set_from_plan(s, plan, "plan.parquet")
     emb = np.load(paths.artifacts / "embed" / "embeddings.npy", mmap_mode="r")
     model, real_history, config = train_head(emb, ts, params().train, 0, CPU, progress=False)
