@@ -135,7 +135,7 @@ def test_unknown_detector_kwargs_and_names_list_valid_ones():
     with pytest.raises(ConfigError, match="clip_quantile") as exc:
         DETECTORS.build("gmm", {"bogus": 1})
     assert "bogus" in str(exc.value)
-    with pytest.raises(ConfigError, match="bmm, cl_mixture, confident_learning, gmm"):
+    with pytest.raises(ConfigError, match="bmm, calibrated_confidence, cl_mixture, confident_learning, gmm"):
         DETECTORS.build("nope")
     with pytest.raises(ConfigError, match="eps"):
         validate({"analyze": {"detector": "bmm", "kwargs": {"reg_covar": 1e-3}}})

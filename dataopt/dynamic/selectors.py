@@ -135,7 +135,7 @@ class InfoBatch(_Dynamic):
         low = seen & (loss < loss[seen].mean()) if bool(seen.any()) else torch.zeros(n, dtype=torch.bool)
         low_idx, high_idx = torch.nonzero(low).flatten(), torch.nonzero(~low).flatten()
         prune = n - k
-        r = min(self.prune_ratio, prune / max(1, len(low_idx)))
+        r = min(self.prune_ratio, prune / len(low_idx)) if len(low_idx) else 0.0
         n_drop_low = min(prune, round(r * len(low_idx)))
         kept_low = low_idx[torch.randperm(len(low_idx), generator=gen)[n_drop_low:]]
         survivors = torch.cat([kept_low, high_idx])

@@ -19,6 +19,7 @@ from dataopt.config import Params
 from dataopt.errors import DataError
 from dataopt.io import load_npy, read_json, write_json
 from dataopt.paths import Paths
+from dataopt.registry import DYNAMIC_SELECTORS
 from dataopt.schema import require
 from dataopt.train import loop
 from dataopt.train.checkpoint import save_model
@@ -56,7 +57,8 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
 
     tp = params.train
     device = loop.resolve_device(tp.device)
-    signals = _kept_signals(paths, plan) if tp.dynamic.method == "density_consistency" else None
+    needs_signals = tp.dynamic.method != "none" and "signals" in DYNAMIC_SELECTORS.get(tp.dynamic.method).requires
+    signals = _kept_signals(paths, plan) if needs_signals else None
     if tp.mode == "head":
         from dataopt.train.head import train_head
 
