@@ -14,6 +14,10 @@ Examples
   python bench/selection.py --timing                                   # 50k x 512, every selector
   python bench/selection.py --n 2000 --seeds 1 --ratios 0.3            # smoke run
   python bench/selection.py --n 20000 --label-columns random_label1 label
+  # signals of a saved GPU run (bench/noise.py --save-dynamics), CNN-proxy embeddings, pixel-PCA scorer:
+  python bench/selection.py --label-columns random_label1 --dynamics bench/dynamics
+      --detector calibrated_confidence --embed-backend proxy --embed-kwargs '{"epochs": 15, "folds": 0}'
+      --eval-features pixels --out bench/results/selection_airbench_signals     (one command line)
 
 Writes bench/results/selection_<label_column>.json (or selection_timing.json) atomically and prints
 a markdown table.
@@ -56,6 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--hidden", type=int, default=512, help="Head hidden width (perceive and eval)")
     ap.add_argument("--epochs", type=int, default=15,
                     help="epochs of the evaluation head over the full train set (subsets: same steps)")
+    ap.add_argument("--detector", default="gmm", help="analyze.detector: the DETECTORS name behind p_clean")
+    ap.add_argument("--dynamics", type=Path, default=None,
+                    help="DIR of bench/noise.py --save-dynamics files: the out-of-fold signals and "
+                         "probabilities of DIR/<label_column>_s0.npz (e.g. airbench on a GPU) replace this "
+                         "run's CPU perceive ones for the subset rows before analyze runs")
+    ap.add_argument("--eval-features", choices=["embeddings", "pixels"], default="embeddings",
+                    help="what the evaluation head trains on: the embed stage's embeddings, or pixel-PCA "
+                         "features (keeps a trained --embed-backend proxy's knowledge out of the score)")
     ap.add_argument("--timing", action="store_true", help="time every selector on 50k x 512 instead")
     ap.add_argument("--timing-n", type=int, default=50000)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -135,11 +147,14 @@ def prepare(args: argparse.Namespace, label_column: str, subset: np.ndarray, tra
         "embed": {"backend": args.embed_backend, "kwargs": args.embed_kwargs, "device": "cpu"},
         "perceive": {"model": "head", "hidden": args.hidden, "epochs": args.perceive_epochs,
                      "early_epochs": 3, "device": "cpu"},
+        "analyze": {"detector": args.detector},
         "tracking": {"enabled": False},
     })
     paths = Paths.at(root)
     seconds = {}
     for stage in ("ingest", "embed", "perceive", "analyze"):
+        if stage == "analyze" and args.dynamics is not None:
+            use_saved_dynamics(args.dynamics / f"{label_column}_s0.npz", subset, paths)
         t0 = time.perf_counter()
         run_stage(stage, params, paths)
         seconds[stage] = round(time.perf_counter() - t0, 1)
@@ -148,6 +163,12 @@ def prepare(args: argparse.Namespace, label_column: str, subset: np.ndarray, tra
     samples = pd.read_parquet(art / "ingest" / "samples.parquet")
     emb = np.load(art / "embed" / "embeddings.npy").astype(np.float32)
     tr = (samples["split"] == "train").to_numpy()
+    x_eval = emb
+    if args.eval_features == "pixels" and args.embed_backend != "pixels":
+        from dataopt.embed.backends import PixelsEmbedder
+
+        images = np.load(art / "ingest" / "images.npy", mmap_mode="r")
+        x_eval = PixelsEmbedder(dim=128).fit(images[tr]).transform(images).astype(np.float32)
     signals = pd.read_parquet(art / "perceive" / "signals.parquet")
     analysis = pd.read_parquet(art / "analyze" / "analysis.parquet")
     labels = samples.loc[tr, "label"].to_numpy(np.int64)
@@ -160,10 +181,46 @@ def prepare(args: argparse.Namespace, label_column: str, subset: np.ndarray, tra
         "inputs": {"labels": labels, "embeddings": emb[tr], "signals": signals,
                    "p_clean": analysis["p_clean"].to_numpy(np.float64),
                    "text_embeddings": np.load(text) if text.exists() else None},
-        "mislabeled": labels != clean,
-        "x_test": emb[~tr], "y_test": y_test[test_rows].astype(np.int64),
+        "mislabeled": labels != clean, "x_train": x_eval[tr],
+        "x_test": x_eval[~tr], "y_test": y_test[test_rows].astype(np.int64),
         "seconds": seconds,
     }
+
+
+def use_saved_dynamics(path: Path, subset: np.ndarray, paths) -> None:
+    """Overwrite the out-of-fold perceive outputs of the subset's train rows with those of ``path``
+    (a ``bench/noise.py --save-dynamics`` file over all 50k rows in train.parquet order): the
+    probabilities in perceive/dynamics.npz and every signal column computed from the out-of-fold
+    run (its metadata says "out-of-fold"); embedding signals (kNN, class centre) stay this run's."""
+    import pandas as pd
+
+    from dataopt.io import save_npz, write_parquet
+
+    art = paths.artifacts
+    samples = pd.read_parquet(art / "ingest" / "samples.parquet")
+    tr = samples[samples["split"] == "train"]
+    rows = subset[tr["source"].str.extract(r"#row=(\d+)$")[0].astype(int).to_numpy()]
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        if not np.array_equal(z["label"][rows], tr["label"].to_numpy()):
+            raise SystemExit(f"{path}: labels differ from this run's ({meta['label_column']}?)")
+        described = json.loads(meta["signal_metadata"]["dataopt.signals"])
+        oof = [c for c, m in described.items() if "out-of-fold" in m["description"]]
+        saved = {c: z[f"sig/{c}"][rows] for c in oof}
+        probs = z["probs"][rows]
+    sig_path = art / "perceive" / "signals.parquet"
+    signals = pq.read_table(sig_path)  # pyarrow keeps the schema's signal metadata
+    for c, v in saved.items():
+        i = signals.schema.get_field_index(c)
+        signals = signals.set_column(i, signals.schema.field(i), pa.array(v).cast(signals.schema.field(i).type))
+    write_parquet(sig_path, signals)
+    dyn_path = art / "perceive" / "dynamics.npz"
+    with np.load(dyn_path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["probs"] = probs.astype(arrays["probs"].dtype)
+    save_npz(dyn_path, **arrays)
+    print(f"  perceive outputs replaced by {path.name} ({meta.get('network')} on {meta.get('device')}, "
+          f"out-of-fold accuracy {meta.get('oof_accuracy')}): {len(oof)} signals + probs", flush=True)
 
 
 def select(name: str, data: dict, ratio: float, seed: int) -> np.ndarray:
@@ -191,7 +248,7 @@ def head_accuracy(data: dict, keep: np.ndarray, seed: int, args: argparse.Namesp
 
     # features z-scored with the full train statistics (unit-norm embeddings are tiny per axis);
     # every subset gets the same number of SGD steps as args.epochs over the full train set
-    emb = data["inputs"]["embeddings"]
+    emb = data["x_train"]
     mu, sd = emb.mean(0), emb.std(0) + 1e-6
     x = torch.as_tensor((emb[keep] - mu) / sd)
     y = torch.as_tensor(data["inputs"]["labels"][keep])
