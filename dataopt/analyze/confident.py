@@ -290,19 +290,20 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     rows = np.arange(len(labels))
 
     def nll(t: float) -> float:
-        z = logp / t
-        z = z - z.max(axis=1, keepdims=True)
-        return float(-(z[rows, labels] - np.log(np.exp(z).sum(axis=1))).mean())
+        return float(-_scaled_log_softmax(logp, t)[rows, labels].mean())
 
     return float(minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded").x)
 
 
 def temperature_scale(probs: np.ndarray, t: float) -> np.ndarray:
     """``softmax(log p̂ / t)``, ``(n, C)``."""
-    z = np.log(np.clip(probs, 1e-12, 1.0)) / t
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return np.exp(_scaled_log_softmax(np.log(np.clip(probs, 1e-12, 1.0)), t))
+
+
+def _scaled_log_softmax(logp: np.ndarray, t: float) -> np.ndarray:
+    from scipy.special import log_softmax
+
+    return log_softmax(logp / t, axis=1)
 
 
 @DETECTORS.register("calibrated_confidence")
