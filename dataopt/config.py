@@ -324,6 +324,13 @@ class EvaluateParams(Section):
     # metrics.json of the full-data run that cost ratios are taken against (null: none named)
     reference: Optional[str] = None
 
+    @field_validator("shot_thresholds")
+    @classmethod
+    def _shots(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= v[0] <= v[1]:
+            raise ValueError(f"must be two counts t0 <= t1, got {list(v)}")
+        return v
+
 
 class TrackingParams(Section):
     enabled: bool = True

@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from dataopt.config import Params
+from dataopt.config import Params, validate
 from dataopt.errors import ConfigError, DataError, MissingArtifactError
 from dataopt.evaluate.metrics import shot_accuracy, shot_bands
 from dataopt.io import save_npy, write_json
@@ -193,7 +193,7 @@ def test_shot_bands_on_an_imbalanced_plan(project):
     flat = evaluate_stage.run(params(shot_thresholds=(5, 40)), project)
     assert (flat["n_many"], flat["n_medium"], flat["n_few"]) == (7, 3, 0) and flat["few_shot_accuracy"] is None
     with pytest.raises(ConfigError, match="evaluate.shot_thresholds"):
-        evaluate_stage.run(params(shot_thresholds=(100, 20)), project)
+        validate({"evaluate": {"shot_thresholds": [100, 20]}})  # refused when params load, before any stage
 
 
 def test_balanced_plan_reports_balanced(project):

@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 
 from dataopt.config import Params
-from dataopt.errors import ConfigError, DataError
+from dataopt.errors import DataError
 from dataopt.evaluate.metrics import classification_report, reliability, shot_accuracy, shot_bands
 from dataopt.evaluate.plots import confusion_png
 from dataopt.io import load_npy, read_json, write_json
@@ -128,9 +128,6 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     samples_path = require(art / "ingest" / "samples.parquet", "ingest")
     history_path = require(art / "train" / "history.json", "train")
     ep = params.evaluate
-    t0_shots, t1_shots = ep.shot_thresholds
-    if not 0 <= t0_shots <= t1_shots:
-        raise ConfigError(f"evaluate.shot_thresholds must be two counts t0 <= t1, got {list(ep.shot_thresholds)}")
     device = loop.resolve_device(ep.device, key="evaluate.device")
     reference = _reference(ep, paths)  # a bad reference fails before any work
     model, config = load_model(art / "train" / "model", device)
@@ -183,10 +180,10 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
         flat["seconds_ratio"] = _ratio(flat["train_seconds"], reference["train_seconds"])
         flat["accuracy_delta"] = flat["accuracy"] - reference["accuracy"]
     counts = _class_counts(config, samples, len(names), art / "train" / "model" / "config.json")
-    flat.update(shot_accuracy(rep["per_class_accuracy"], counts, (t0_shots, t1_shots)))
+    flat.update(shot_accuracy(rep["per_class_accuracy"], counts, ep.shot_thresholds))
     flat["device"] = device.type
     per_class = {n: _none_if_nan(a) for n, a in zip(names, rep["per_class_accuracy"])}
-    bands = shot_bands(counts, (t0_shots, t1_shots))
+    bands = shot_bands(counts, ep.shot_thresholds)
 
     plots = paths.stage("evaluate") / "plots"
     confusion_png(plots / "confusion_matrix.png", rep["confusion"], names)
