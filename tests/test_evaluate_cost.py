@@ -111,7 +111,8 @@ def test_reference_ratios(project, tmp_path, monkeypatch):
     n_train = len(train_labels(project))
     assert (flat["samples_seen"], flat["steps"], flat["train_seconds"]) == (1000, 16, 3.0)
     assert flat["full_data_samples"] == n_train * 2 and flat["cost_ratio"] == pytest.approx(1000 / (2 * n_train))
-    assert config["train"] == {"batch_size": 64, "epochs": 8}
+    assert config["train"] == {"batch_size": 64, "epochs": 8, "n_train_total": n_train, "n_train_kept": n_train,
+                               "mode": "head", "dynamic": {"method": "none", "budget": 1.0}, "adaaugment": False}
     assert flat["full_data_steps"] == math.ceil(n_train / 64) * 8
     assert flat["steps_ratio"] == pytest.approx(16 / flat["full_data_steps"])
     assert (flat["reference_samples_seen"], flat["reference_steps"]) == (10000, 200)

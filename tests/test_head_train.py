@@ -60,7 +60,8 @@ def test_head_learns_digits_quickly(digits, hidden):
     assert config["model"] == "head" and config["input"] == {"kind": "embedding", "dim": 64, "dtype": "float32"}
     assert config["kwargs"] == {"dim": 64, "n_classes": 10, "hidden": hidden}
     assert config["class_counts"] == np.bincount(y[tr], minlength=10).tolist()
-    assert config["train"] == {"batch_size": 64, "epochs": 8}
+    assert config["train"] == {"batch_size": 64, "epochs": 8, "n_train_total": len(tr), "n_train_kept": len(tr),
+                               "mode": "head", "dynamic": {"method": "none", "budget": 1.0}, "adaaugment": False}
     assert config["class_names"][3] == "d3" and config["seed"] == 0
 
 
@@ -161,6 +162,14 @@ def test_saved_head_predicts_identically(digits, tmp_path, hidden):
     assert cfg == config
     xt = torch.from_numpy(x[te].astype(np.float32))
     assert torch.equal(loop.predict_logits(model, xt), loop.predict_logits(loaded, xt))
+
+
+def test_train_dynamic_is_honoured_without_a_selector_argument(digits):
+    x, y, tr, _ = digits
+    dyn = tp(epochs=4).dynamic.model_copy(update={"method": "random", "budget": 0.5})
+    _, history, config = train_head(x, train_set(y, tr), tp(epochs=4, dynamic=dyn), 0, CPU, progress=False)
+    assert history[-1]["samples_seen"] == sum(h["dyn_selected"] for h in history) == round(0.5 * len(tr) * 4)
+    assert config["train"]["dynamic"] == {"method": "random", "budget": 0.5}
 
 
 def test_smote_with_a_selector_fitted_on_the_kept_rows_is_refused(digits):

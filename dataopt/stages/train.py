@@ -23,7 +23,7 @@ from dataopt.registry import DYNAMIC_SELECTORS
 from dataopt.schema import require
 from dataopt.train import loop
 from dataopt.train.checkpoint import save_model
-from dataopt.train.trainer import build_selector, run_config, train_model, train_set_from_plan
+from dataopt.train.trainer import train_model, train_set_from_plan
 
 
 def _kept_signals(paths: Paths, plan: pd.DataFrame) -> pd.DataFrame:
@@ -65,9 +65,7 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
         embeddings = load_npy(require(art / "embed" / "embeddings.npy", "embed"))
         if len(embeddings) != len(samples):
             raise DataError(f"embed/embeddings.npy: {len(embeddings)} rows but samples.parquet has {len(samples)}")
-        selector = build_selector(ts, tp, params.seed, signals)
-        model, history, config = train_head(embeddings, ts, tp, params.seed, device, selector=selector)
-        config.update(run_config(ts, tp, selector))
+        model, history, config = train_head(embeddings, ts, tp, params.seed, device, signals=signals)
     else:
         model, history, config = train_model(images, ts, tp, params.seed, device, signals=signals)
 
@@ -91,8 +89,8 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
         "train_directives": ",".join(sorted(ts.train_directives)) or "none",
         "device": device.type,
         "mode": tp.mode,
-        "model": config.get("model", tp.model),
+        "model": config["model"],
         "dynamic_method": tp.dynamic.method,
-        "dynamic_budget": tp.dynamic.budget if tp.dynamic.method != "none" else 1.0,
+        "dynamic_budget": config["train"]["dynamic"]["budget"],
         "adaaugment": bool(tp.adaaugment.enabled),
     }

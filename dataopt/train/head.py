@@ -15,13 +15,14 @@ import dataclasses
 from typing import Any, Optional
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from dataopt.errors import ConfigError, DataError
 from dataopt.train import loop
 from dataopt.train.nets import Head
-from dataopt.train.trainer import TrainSet, plan_training
+from dataopt.train.trainer import TrainSet, build_selector, plan_training, run_config, tensor_or_none
 
 FEATURE_POLICIES = ("gaussian_noise", "smote")
 
@@ -63,6 +64,7 @@ def train_head(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    signals: Optional[pd.DataFrame] = None,
     **fit_kwargs: Any,
 ) -> tuple[nn.Module, list[dict], dict[str, Any]]:
     """Train a :class:`~dataopt.train.nets.Head` on the kept rows of ``embeddings``.
@@ -76,16 +78,19 @@ def train_head(
         ``epochs``, ``batch_size``, ``lr``, ``momentum``, ``weight_decay``, ``label_smoothing``
     seed : seeds initialisation, shuffling, sampling, noise and SMOTE
     device : where the data and the model live
-    **fit_kwargs : passed on to :func:`dataopt.train.loop.fit` (e.g. dynamic-selection hooks);
-        positions they see index the training rows, SMOTE rows (if any) last
+    signals : perceive signals of the kept rows (``ts.rows`` order), for ``train.dynamic`` selectors
+        that need them (density_consistency)
+    **fit_kwargs : passed on to :func:`dataopt.train.loop.fit`; positions they see index the training
+        rows, SMOTE rows (if any) last. A ``selector`` given here replaces the one ``tp.dynamic`` names.
 
     Returns
     -------
     model : in eval mode, on ``device``
     history : one dict per epoch (:func:`dataopt.train.loop.fit`)
     config : model config for :func:`dataopt.train.checkpoint.save_model`; ``input.kind`` is
-        ``"embedding"``, ``class_counts`` the kept training labels per class (before SMOTE),
-        ``features_augment`` the feature policy with ``n_synthetic`` rows (when the plan has one)
+        ``"embedding"``, ``class_counts`` and ``train`` as :func:`dataopt.train.trainer.run_config`
+        (class counts before SMOTE), ``features_augment`` the feature policy with ``n_synthetic`` rows
+        (when the plan has one)
 
     Raises
     ------
@@ -104,6 +109,8 @@ def train_head(
     x = np.asarray(embeddings[ts.rows], dtype=np.float32)  # one fancy-index read of the kept rows
     if not np.isfinite(x).all():
         raise DataError("embeddings.npy: kept training rows hold values that are not finite")
+    if "selector" not in fit_kwargs:
+        fit_kwargs["selector"] = build_selector(ts, tp, seed, signals)
     labels, weights, draws = ts.labels, ts.weights, ts.sampling_weights
     policy = _features_policy(ts)
     augment_fn = None
@@ -137,9 +144,6 @@ def train_head(
         model = Head(d, ts.n_classes, hidden=tp.hidden)
     model.to(device)
 
-    def opt(a: Optional[np.ndarray]) -> Optional[torch.Tensor]:
-        return None if a is None else torch.from_numpy(a)
-
     cfg = loop.FitConfig(
         epochs=tp.epochs, batch_size=tp.batch_size, lr=tp.lr, momentum=tp.momentum,
         weight_decay=tp.weight_decay, label_smoothing=tp.label_smoothing, augment="none",
@@ -147,7 +151,8 @@ def train_head(
     )
     history = loop.fit(
         model, torch.from_numpy(x).to(device), torch.from_numpy(labels).to(device), cfg,
-        weights=opt(weights), sampling_weights=opt(draws), loss_fn=loss_fn, augment_fn=augment_fn,
+        weights=tensor_or_none(weights), sampling_weights=tensor_or_none(draws), loss_fn=loss_fn,
+        augment_fn=augment_fn,
         **fit_kwargs,
     )
     config: dict[str, Any] = {
@@ -156,8 +161,7 @@ def train_head(
         "class_names": ts.class_names,
         "input": {"kind": "embedding", "dim": d, "dtype": "float32"},
         "seed": seed,
-        "class_counts": np.bincount(ts.labels, minlength=ts.n_classes).tolist(),
-        "train": {"batch_size": int(tp.batch_size), "epochs": int(tp.epochs)},
+        **run_config(ts, tp, fit_kwargs["selector"]),
     }
     if features_augment is not None:
         config["features_augment"] = features_augment

@@ -205,6 +205,11 @@ def build_model(
     return model, kwargs
 
 
+def tensor_or_none(a: Optional[np.ndarray]) -> Optional[torch.Tensor]:
+    """``a`` as a CPU tensor sharing its memory (the loop moves it), or None."""
+    return None if a is None else torch.from_numpy(a)
+
+
 def build_selector(ts: TrainSet, tp: Any, seed: int, signals: Optional[pd.DataFrame] = None) -> Optional[Any]:
     """The fitted ``train.dynamic`` selector for ``ts`` (None for method ``none``).
 
@@ -275,9 +280,6 @@ def train_model(
     model.to(device)
     selector = build_selector(ts, tp, seed, signals)
 
-    def opt(a: Optional[np.ndarray]) -> Optional[torch.Tensor]:
-        return None if a is None else torch.from_numpy(a)
-
     cfg = loop.FitConfig(
         epochs=tp.epochs, batch_size=tp.batch_size, lr=tp.lr, momentum=tp.momentum,
         weight_decay=tp.weight_decay, label_smoothing=tp.label_smoothing, augment=tp.augment,
@@ -289,8 +291,8 @@ def train_model(
         ada = adaptive_augmenter(ts, tp, seed, model, y, augment_fn)
         augment_fn, owns_magnitudes, on_epoch = ada, True, lambda epoch, _m: ada.epoch_stats(epoch)
     history = loop.fit(
-        model, x, y, cfg, weights=opt(ts.weights), sampling_weights=opt(ts.sampling_weights),
-        augment_magnitudes=None if owns_magnitudes else opt(ts.augment_magnitudes),
+        model, x, y, cfg, weights=tensor_or_none(ts.weights), sampling_weights=tensor_or_none(ts.sampling_weights),
+        augment_magnitudes=None if owns_magnitudes else tensor_or_none(ts.augment_magnitudes),
         loss_fn=loss_fn, augment_fn=augment_fn, selector=selector, on_epoch=on_epoch,
     )
     config = {
