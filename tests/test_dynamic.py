@@ -163,7 +163,9 @@ def test_loop_trains_each_epoch_on_what_the_selector_picks():
     y = torch.arange(40) % 2
     sel = Scripted([list(range(10)), list(range(10, 40)), list(range(5))])
     m = Recorder()
-    hist = loop.fit(m, x, y, loop.FitConfig(epochs=3, batch_size=8, progress=False), selector=sel)
+    reported = []
+    hist = loop.fit(m, x, y, loop.FitConfig(epochs=3, batch_size=8, progress=False), selector=sel,
+                    on_epoch_loss=lambda epoch, loss: reported.append((epoch, loss.clone())))
     per_epoch = np.split(torch.cat(m.seen).numpy(), np.cumsum([10, 30]))
     assert [sorted(p.tolist()) for p in per_epoch] == [list(range(10)), list(range(10, 40)), list(range(5))]
     assert [h["samples_seen"] for h in hist] == [10, 40, 45] and [h["steps"] for h in hist] == [2, 6, 7]
@@ -171,6 +173,12 @@ def test_loop_trains_each_epoch_on_what_the_selector_picks():
     # the selector saw NaN for never-trained samples and the last loss of the trained ones
     assert bool(torch.isnan(sel.losses[0]).all())
     assert bool(torch.isfinite(sel.losses[1][:10]).all()) and bool(torch.isnan(sel.losses[1][10:]).all())
+    # on_epoch_loss hands out after each epoch the same per-sample losses the selector sees next
+    assert [e for e, _ in reported] == [1, 2, 3]
+    assert torch.allclose(reported[0][1], sel.losses[1], equal_nan=True)
+    assert torch.allclose(reported[1][1], sel.losses[2], equal_nan=True)
+    assert bool(torch.isfinite(reported[2][1][:5]).all()) and not torch.allclose(
+        reported[2][1][:5], reported[1][1][:5])  # epoch 3 retrained samples 0-4: their losses moved
     with pytest.raises(ValueError, match="sampling_weights"):
         loop.fit(Recorder(), x, y, loop.FitConfig(epochs=3, progress=False), selector=sel,
                  sampling_weights=torch.ones(40))

@@ -229,7 +229,8 @@ def fit(
             order = torch.multinomial(draw_p, n, replacement=True, generator=gen)
         perm = order.to(device)
         loss_sum = torch.zeros((), device=device)
-        for s in range(max(1, math.ceil(len(order) / cfg.batch_size))):
+        n_steps = max(1, math.ceil(len(order) / cfg.batch_size))
+        for s in range(n_steps):
             idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
             xb = x[idx]
             if augment_fn is not None:
@@ -269,7 +270,7 @@ def fit(
                 ema.step(model)
             loss_sum += loss.detach() * len(idx)
             seen += len(idx)
-        steps_done += max(1, math.ceil(len(order) / cfg.batch_size))
+        steps_done += n_steps
         row = {
             "epoch": epoch + 1,
             "loss": float(loss_sum) / max(1, len(order)),
