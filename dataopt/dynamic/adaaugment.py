@@ -56,7 +56,7 @@ from torch import nn
 
 from dataopt.errors import ConfigError, DataError
 from dataopt.optimize.augment.batch import BatchAugmenter
-from dataopt.train.loop import MEAN, STD, random_crop_flip, seeded
+from dataopt.train.loop import normalise, random_crop_flip, seeded
 
 POLICIES = ("randaugment", "trivialaugment", "autoaugment", "augmix")
 BASES = ("none", "crop", "flip_crop")
@@ -103,10 +103,6 @@ def _mlp(d_in: int, h1: int, h2: int) -> nn.Sequential:
     nn.init.zeros_(out.bias)
     return nn.Sequential(nn.LayerNorm(d_in, elementwise_affine=False), nn.Linear(d_in, h1), nn.ReLU(),
                          nn.Linear(h1, h2), nn.ReLU(), out)
-
-
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    return (x.float() / 255.0 - MEAN) / STD
 
 
 class AdaAugment:
@@ -237,7 +233,7 @@ class AdaAugment:
         model.eval()  # the extra forwards must not move BatchNorm running statistics
         try:
             with torch.no_grad(), torch.autocast(**amp):
-                s = model.features(_normalise(x0)).float()
+                s = model.features(normalise(x0)).float()
                 l_none = F.cross_entropy(self._logits(s), y, reduction="none")
             with torch.enable_grad():
                 mu = torch.sigmoid(self.actor_(s)).squeeze(1)
@@ -248,7 +244,7 @@ class AdaAugment:
             mags = torch.cat([torch.ones(b, dtype=torch.float64), quantise(m_cpu, int(self.levels))])
             both = self.augmenter_._policy(torch.cat([x0, x0]), mags, gen)
             with torch.no_grad(), torch.autocast(**amp):
-                losses = F.cross_entropy(self._logits(model.features(_normalise(both)).float()),
+                losses = F.cross_entropy(self._logits(model.features(normalise(both)).float()),
                                          y.repeat(2), reduction="none").view(2, b)
         finally:
             model.train(was_training)
@@ -273,7 +269,7 @@ class AdaAugment:
         acc["m"] += float(m_cpu.sum())
         acc["r"] += r.detach().sum()  # stays on the device: no sync per batch
         acc["forwards"] += 3 * b
-        return _normalise(both[b:])
+        return normalise(both[b:])
 
     def epoch_stats(self, epoch: int) -> dict:
         """Summary of a 1-based ``epoch``: ``ada_lambda``, ``ada_mean_magnitude`` (mean action),
