@@ -20,6 +20,12 @@ def argument_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def dynamics_file(directory: Path, label_column: str, seed: int) -> Path:
+    """Where ``bench/noise.py --save-dynamics`` writes (and ``--from-dynamics`` / ``bench/selection.py
+    --dynamics`` read) one run's out-of-fold dynamics."""
+    return Path(directory) / f"{label_column}_s{seed}.npz"
+
+
 def stratified_subset(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """Sorted row positions of a class-stratified subset of ``n`` rows (all rows when n = 0)."""
     if n <= 0 or n >= len(labels):

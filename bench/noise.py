@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from common import argument_parser, stratified_subset
+from common import argument_parser, dynamics_file, stratified_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,10 +215,6 @@ def _unshuffle16(planes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def _index_dtype(n: int) -> type:
     return np.uint16 if n <= np.iinfo(np.uint16).max + 1 else np.int32
-
-
-def dynamics_file(directory: Path, label_column: str, seed: int) -> Path:
-    return Path(directory) / f"{label_column}_s{seed}.npz"
 
 
 def save_dynamics(root: Path, dest: Path, meta: dict[str, Any], max_bytes: int = MAX_BYTES) -> int:

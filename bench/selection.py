@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from common import argument_parser, stratified_subset
+from common import argument_parser, dynamics_file, stratified_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SELECTORS = ["random", "herding", "kcenter", "moderate", "el2n_easy", "el2n_hard",
@@ -154,7 +154,7 @@ def prepare(args: argparse.Namespace, label_column: str, subset: np.ndarray, tra
     seconds = {}
     for stage in ("ingest", "embed", "perceive", "analyze"):
         if stage == "analyze" and args.dynamics is not None:
-            use_saved_dynamics(args.dynamics / f"{label_column}_s0.npz", subset, paths)
+            use_saved_dynamics(dynamics_file(args.dynamics, label_column, 0), subset, paths)
         t0 = time.perf_counter()
         run_stage(stage, params, paths)
         seconds[stage] = round(time.perf_counter() - t0, 1)
