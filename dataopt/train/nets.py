@@ -195,9 +195,8 @@ class ResNet18(nn.Module):
         from torchvision.models.resnet import BasicBlock, ResNet
 
         net = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=n_classes, width_per_group=64)
-        if width != 64:  # rebuild the stages at another width (the stem follows)
+        if width != 64:  # rebuild the stages at another width (the stem conv is replaced below)
             net.inplanes = width
-            net.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
             net.bn1 = nn.BatchNorm2d(width)
             net.layer1 = net._make_layer(BasicBlock, width, 2)
             net.layer2 = net._make_layer(BasicBlock, 2 * width, 2, stride=2)
