@@ -41,12 +41,16 @@ class _Dynamic:
         self.budget = budget
         self.random_state = random_state
 
-    def _sizes(self, n: int, epochs: int) -> list[int]:
+    def _total(self, n: int, epochs: int) -> int:
+        """Samples the whole run may train on: ``budget * n * epochs``, rounded (inputs checked)."""
         if not 0 < self.budget <= 1:
             raise ConfigError(f"train.dynamic.budget must be in (0, 1], got {self.budget}")
         if n < 1 or epochs < 1:
             raise DataError(f"dynamic selection needs samples and epochs, got n={n}, epochs={epochs}")
-        return even_sizes(n, epochs, round(self.budget * n * epochs))
+        return round(self.budget * n * epochs)
+
+    def _sizes(self, n: int, epochs: int) -> list[int]:
+        return even_sizes(n, epochs, self._total(n, epochs))
 
     def fit(self, n: int, epochs: int, signals: Optional[pd.DataFrame] = None) -> "_Dynamic":
         """Lay out ``epoch_sizes_`` (epochs,) for ``n`` training samples; returns self."""
@@ -117,7 +121,7 @@ class InfoBatch(_Dynamic):
             raise ConfigError(f"infobatch: delta must be in [0, 1), got {self.delta}")
         if not 0 < self.prune_ratio < 1:
             raise ConfigError(f"infobatch: prune_ratio must be in (0, 1), got {self.prune_ratio}")
-        total = round(self.budget * n * epochs) if 0 < self.budget <= 1 else super()._sizes(n, epochs)
+        total = self._total(n, epochs)
         anneal = math.ceil(self.delta * epochs) if self.delta else 0
         # fewer full epochs when the budget cannot pay for them and one sample per other epoch
         while anneal and total - anneal * n < epochs - anneal:
