@@ -155,3 +155,32 @@ def test_smote_fills_minority_classes_with_same_class_interpolations():
     policy = AUGMENTERS.build("smote", {"k": 3}).fit(y)
     assert policy.augment_["synthetic_per_class"] == {"1": 30, "2": 38}
     assert policy.reason_[0] == "" and policy.reason_[-1] == "smote: minority class, 38 synthetic rows for it"
+
+
+def _shifts_within(out: torch.Tensor, x: torch.Tensor, pad: int) -> torch.Tensor:
+    """(B,) bool: each output row is one of the reflect-padded crops of its input shifted <= pad px."""
+    h, w = x.shape[-2:]
+    padded = F.pad(plain(x), (pad,) * 4, mode="reflect")
+    hit = torch.zeros(len(x), dtype=torch.bool)
+    for dy in range(2 * pad + 1):
+        for dx in range(2 * pad + 1):
+            hit |= (out == padded[..., dy:dy + h, dx:dx + w]).flatten(1).all(1)
+    return hit
+
+
+def test_base_crop_honours_train_translate():
+    from dataopt.dynamic.adaaugment import AdaAugment
+    from dataopt.train.nets import SmallCNN
+
+    x = batch(b=200, size=32)
+    idx, gen = torch.arange(200), lambda: torch.Generator().manual_seed(0)
+    one_px = BatchAugmenter({}, None, base="crop", translate=1)(x, idx, 1, gen())
+    assert _shifts_within(one_px, x, 1).all()
+    default = BatchAugmenter({}, None, base="crop")(x, idx, 1, gen())  # width // 8 = 4 px
+    assert not _shifts_within(default, x, 1).all() and _shifts_within(default, x, 4).all()
+    # AdaAugment's base crop (before its policy) reads the same setting
+    model = SmallCNN(10, width=4)
+    ada = AdaAugment(200, 10, model.feature_dim, 2, base="crop", translate=1).bind(model, torch.zeros(200).long())
+    assert _shifts_within(plain(ada._base(x, gen())), x, 1).all()
+    with pytest.raises(ConfigError, match="translate must be >= 1"):
+        AdaAugment(200, 10, model.feature_dim, 2, translate=0).bind(model, torch.zeros(200).long())

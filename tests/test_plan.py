@@ -223,6 +223,8 @@ def test_train_honours_the_augment_policy_deterministically(digits):
     assert torch.equal(state(m1), state(m2)) and h1[-1]["loss"] == h2[-1]["loss"]
     plain, _, _ = train_model(images, train_set(samples, 0.3), TP, 0, cpu, progress=False)
     assert not torch.equal(state(m1), state(plain))  # the policy changed training
+    assert augment_fn.translate is None  # train.translate unset: width // 8
+    assert plan_training(ts, TP.model_copy(update={"translate": 1}))[1].translate == 1
 
 
 def test_train_uses_soft_targets_with_mixup_and_plan_directives(digits):

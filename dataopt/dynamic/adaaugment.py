@@ -124,6 +124,7 @@ class AdaAugment:
     hidden1, hidden2 : hidden widths of actor and critic (the paper: 512, 256)
     actor_lr, critic_lr : Adam learning rates
     sigma : standard deviation of the Gaussian policy
+    translate : largest crop shift in px of the ``base`` crop (``train.translate``); None = width // 8
 
     Attributes
     ----------
@@ -134,7 +135,7 @@ class AdaAugment:
 
     def __init__(self, n, n_classes, feature_dim, epochs, base="flip_crop", seed=0,
                  policy="randaugment", num_ops=2, num_magnitude_bins=31, levels=8, groups=4,
-                 hidden1=512, hidden2=256, actor_lr=1e-3, critic_lr=1e-3, sigma=0.1):
+                 hidden1=512, hidden2=256, actor_lr=1e-3, critic_lr=1e-3, sigma=0.1, translate=None):
         self.n = n
         self.n_classes = n_classes
         self.feature_dim = feature_dim
@@ -151,6 +152,7 @@ class AdaAugment:
         self.actor_lr = actor_lr
         self.critic_lr = critic_lr
         self.sigma = sigma
+        self.translate = translate
 
     def _check(self, model: nn.Module, y: torch.Tensor) -> None:
         key = "train.adaaugment.kwargs"
@@ -166,6 +168,8 @@ class AdaAugment:
             raise ConfigError(f"{key}.sigma must be > 0, got {self.sigma}")
         if not (self.actor_lr > 0 and self.critic_lr > 0):
             raise ConfigError(f"{key}: actor_lr and critic_lr must be > 0")
+        if self.translate is not None and int(self.translate) < 1:
+            raise ConfigError(f"{key}.translate must be >= 1 px or null, got {self.translate}")
         if int(self.hidden1) < 1 or int(self.hidden2) < 1:
             raise ConfigError(f"{key}: hidden1 and hidden2 must be >= 1")
         dim = getattr(model, "feature_dim", None)
@@ -208,7 +212,7 @@ class AdaAugment:
         """``train.augment`` crop/flip as uint8 (a reflect-pad gather: values stay exact integers)."""
         if self.base == "none":
             return xb
-        pad = max(1, xb.shape[-1] // 8)
+        pad = int(self.translate or max(1, xb.shape[-1] // 8))
         return random_crop_flip(xb.float(), pad, self.base == "flip_crop", gen).to(torch.uint8)
 
     def _logits(self, feats: torch.Tensor) -> torch.Tensor:
@@ -242,7 +246,7 @@ class AdaAugment:
             m_cpu = m.double().cpu()
             # magnitude 1 (x^+) and m (x~) in one policy call and one forward of 2B rows
             mags = torch.cat([torch.ones(b, dtype=torch.float64), quantise(m_cpu, int(self.levels))])
-            both = self.augmenter_._policy(torch.cat([x0, x0]), mags, gen)
+            both = self.augmenter_.apply_policy(torch.cat([x0, x0]), mags, gen)
             with torch.no_grad(), torch.autocast(**amp):
                 losses = F.cross_entropy(self._logits(model.features(normalise(both)).float()),
                                          y.repeat(2), reduction="none").view(2, b)

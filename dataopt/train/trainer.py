@@ -182,7 +182,8 @@ def plan_training(ts: TrainSet, tp: Any) -> tuple[Optional[Any], Optional[Any], 
     mags = None if ts.augment_magnitudes is None else torch.from_numpy(ts.augment_magnitudes)
     if mags is None and "image" in policies:
         mags = torch.zeros(ts.n_kept, dtype=torch.float64)  # the plan says magnitude 0 everywhere
-    augmenter = BatchAugmenter(policies, mags, base=tp.augment, n_classes=ts.n_classes)
+    augmenter = BatchAugmenter(policies, mags, base=tp.augment, n_classes=ts.n_classes,
+                               translate=tp.translate)
     if augmenter.mixing is not None:
         loss_fn = augmenter.mixed_loss(loss_fn or default_loss(tp.label_smoothing))
     return loss_fn, augmenter, True
@@ -321,5 +322,5 @@ def adaptive_augmenter(ts: TrainSet, tp: Any, seed: int, model: nn.Module, y: to
     from dataopt.dynamic.adaaugment import AdaAugment
 
     ada = AdaAugment(n=ts.n_kept, n_classes=ts.n_classes, feature_dim=model.feature_dim, epochs=tp.epochs,
-                     base=tp.augment, seed=seed, **tp.adaaugment.kwargs)
+                     base=tp.augment, seed=seed, **{"translate": tp.translate, **tp.adaaugment.kwargs})
     return ada.bind(model, y)

@@ -104,10 +104,11 @@ class BatchAugmenter:
     n_classes : for MixUp/CutMix
     levels : at most this many magnitude levels per batch
     groups : random groups per level (one policy call each), so ops vary within a batch
+    translate : largest crop shift in px (``train.translate``); None = image width // 8
     """
 
     def __init__(self, augment: dict, magnitudes: Optional[torch.Tensor], base: str = "none",
-                 n_classes: int = 2, levels: int = 4, groups: int = 4):
+                 n_classes: int = 2, levels: int = 4, groups: int = 4, translate: Optional[int] = None):
         self.image = augment.get("image")
         self.mixing = augment.get("mix")
         self.magnitudes = None if magnitudes is None else magnitudes.detach().cpu().double()
@@ -115,6 +116,7 @@ class BatchAugmenter:
         self.n_classes = n_classes
         self.levels = max(1, int(levels))
         self.groups = max(1, int(groups))
+        self.translate = translate
         self.mix: Optional[float] = None  # lam of the last batch (None = not mixed)
 
     def _mags(self, idx: torch.Tensor) -> torch.Tensor:
@@ -126,8 +128,9 @@ class BatchAugmenter:
             m = torch.where(m > 0, ((m * self.levels).floor().clamp(max=self.levels - 1) + 0.5) / self.levels, m)
         return m
 
-    def _policy(self, xb: torch.Tensor, m: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Torchvision policy per (magnitude level, random group) cell; magnitude 0 = untouched."""
+    def apply_policy(self, xb: torch.Tensor, m: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The image policy alone, per (magnitude level, random group) cell: ``(B, C, H, W)`` uint8 and
+        ``(B,)`` magnitudes in [0, 1] -> ``(B, C, H, W)`` uint8; magnitude 0 = untouched."""
         b = len(xb)
         group = torch.randint(0, self.groups, (b,), generator=gen)
         coin = torch.rand(b, generator=gen, dtype=torch.float64)
@@ -150,8 +153,8 @@ class BatchAugmenter:
         m = self._mags(idx)
         policy = None if self.image is None else self.image["policy"]
         if policy is not None and policy != "flips_crops":
-            xb = self._policy(xb, m, gen)
-        pad = max(1, xb.shape[-1] // 8)
+            xb = self.apply_policy(xb, m, gen)
+        pad = self.translate or max(1, xb.shape[-1] // 8)
         if policy == "flips_crops":
             base_pad = pad if self.base != "none" else 0
             pad = max(1, base_pad, int(round(float(self.image.get("pad_fraction", 0.125)) * xb.shape[-1])))
