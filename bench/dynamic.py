@@ -8,12 +8,13 @@ Every run trains with the project's own loop (:func:`dataopt.train.loop.fit`), n
 Parts (``--parts``):
   timing     airbench on clean labels, full data: accuracy and training seconds (the 93.5% / 10 s target)
   dynamic    per label set: uniform_full, then random / infobatch / density_consistency at each budget
-  curated    on random_label1: plain training vs analysis (GMM p_clean on out-of-fold early loss, with
-             the agreement gate) + plan (noise filter p_clean >= 0.5, p_clean weights), equal epochs
+  curated    on random_label1: plain training vs analysis (--curate-detector: GMM p_clean on out-of-fold
+             early loss, or calibrated confidence on out-of-fold probabilities; then the analyze
+             stage's agreement gate) + plan (noise filter p_clean >= 0.5, p_clean weights), equal epochs
   adaaugment on clean labels: flip+crop only vs + RandAugment vs + TrivialAugmentWide vs + AdaAugment
 
-The density_consistency signals come from a 2-fold out-of-fold proxy run of the same network on the same
-labels: semantic consistency = out-of-fold probability of the label (no text tower on CIFAR here), and
+The density_consistency signals come from a K-fold (--proxy-folds) out-of-fold proxy run of the same
+network on the same labels: semantic consistency = out-of-fold probability of the label (no text tower on CIFAR here), and
 kNN density = mean Euclidean distance to the 10 nearest neighbours of the L2-normalised penultimate
 features (faiss). The same proxy run gives the early losses of the curated pipeline.
 
@@ -21,6 +22,8 @@ Examples
 --------
   python bench/dynamic.py --device cuda                          # the GPU benchmark (H100: ~8 min)
   python bench/dynamic.py --device cpu --model head --seeds 2    # CPU: head on pixel-PCA embeddings
+  python bench/dynamic.py --device cpu --width 16 --n 10000 --epochs 8 --proxy-epochs 8 \
+      --batch-size 256 --lr 0.8 --parts dynamic curated           # CPU: a short airbench run (~1 h)
   python bench/dynamic.py --parts timing --seeds 3                # only the airbench timing
 
 Writes bench/results/dynamic_<device>.json (atomic, updated after every part) and prints tables.
@@ -207,15 +210,22 @@ def density_consistency_signals(proxy: dict[str, np.ndarray], y: np.ndarray, k: 
                          "semantic_consistency": proxy["probs"][np.arange(len(y)), y].astype(np.float64)}), info
 
 
-def p_clean_gated(proxy: dict[str, np.ndarray], y: np.ndarray, early: int) -> tuple[np.ndarray, dict]:
-    """Analysis as the analyze stage does by default: a two-component GMM on the normalised mean early
-    out-of-fold loss -> p_clean, then the agreement gate (out-of-fold argmax == label -> clean)."""
-    from dataopt.analyze.mixture import GaussianLossMixture
+def p_clean_gated(proxy: dict[str, np.ndarray], y: np.ndarray, early: int, detector: str) -> tuple[np.ndarray, dict]:
+    """Analysis as the analyze stage does it, on the proxy run: ``gmm`` (a two-component GMM on the
+    normalised mean early out-of-fold loss, the stage's default) or ``calibrated_confidence`` (on the
+    out-of-fold probabilities), then the stage's agreement gate (out-of-fold argmax == label -> clean)."""
+    from dataopt.analyze.base import agreement_gate
 
-    gmm = GaussianLossMixture().fit(proxy["loss"][:early].mean(0))
-    p = gmm.p_clean_.copy()
-    p[proxy["probs"].argmax(1) == y] = 1.0
-    return p, {"gmm_noise_rate": float(gmm.noise_rate_), "flagged": int((p < 0.5).sum())}
+    if detector == "gmm":
+        from dataopt.analyze.mixture import GaussianLossMixture
+
+        det = GaussianLossMixture().fit(proxy["loss"][:early].mean(0))
+    else:
+        from dataopt.analyze.confident import CalibratedConfidence
+
+        det = CalibratedConfidence().fit(proxy["probs"], y)
+    p, _ = agreement_gate(det.p_clean_, proxy["probs"].argmax(1), y)
+    return p, {"detector_noise_rate": float(det.noise_rate_), "flagged": int((p < 0.5).sum())}
 
 
 def summarise(runs: list[dict]) -> dict[str, float]:
@@ -285,13 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if "curated" in args.parts and "random_label1" in bench.labels:
         y = bench.labels["random_label1"]
         proxy = proxies.get("random_label1") or bench.proxy(y)
-        if args.curate_detector == "gmm":
-            p_clean, info = p_clean_gated(proxy, y, args.early_epochs)
-        else:
-            from dataopt.analyze.confident import CalibratedConfidence
-
-            det = CalibratedConfidence().fit(proxy["probs"], y)
-            p_clean, info = det.p_clean_, {"noise_rate": det.noise_rate_, "flagged": int(det.is_label_issue_.sum())}
+        p_clean, info = p_clean_gated(proxy, y, args.early_epochs, args.curate_detector)
         info["detector"] = args.curate_detector
         truth_noisy = y != bench.labels["clean"]
         keep = np.flatnonzero(p_clean >= 0.5)
@@ -332,11 +336,12 @@ def main(argv: list[str] | None = None) -> int:
                 if policy in ("randaugment", "trivialaugment"):
                     mags = torch.full((n,), 0.5 if policy == "randaugment" else 1.0, dtype=torch.float64)
                     kw["augment_fn"] = BatchAugmenter({"image": {"policy": policy}}, mags, base="flip_crop",
-                                                      n_classes=10)
+                                                      n_classes=10, translate=args.translate)
                 elif policy == "adaaugment":
                     model_probe = bench.model(s)
                     ada = AdaAugment(n=n, n_classes=10, feature_dim=model_probe.feature_dim,
-                                     epochs=args.ada_epochs, base="flip_crop", seed=s)
+                                     epochs=args.ada_epochs, base="flip_crop", seed=s,
+                                     translate=args.translate)
                     # bind to the very model that trains: build it here and pass it through
                     kw["_ada"] = ada
                 runs.append(_train_ada(bench, y, yt, s, args.ada_epochs, kw))

@@ -97,3 +97,26 @@ def join(*parts: Any) -> np.ndarray:
     for p in parts[1:]:
         out = np.strings.add(out, np.asarray(p).astype(str))
     return out
+
+
+def agreement_gate(p_clean: np.ndarray, suggested: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Trust a label that the out-of-fold model predicts: ``p_clean = 1`` where ``suggested == labels``.
+
+    A two-component mixture always splits, so on clean data the mixture alone calls ~20 % of the
+    samples noisy (digits: 19 % flagged, ``p_clean`` weighting cost 3.3 points of test accuracy);
+    the gate removes those. ``bench/gate.py`` on digits with 0/20/40 % symmetric noise (2 seeds):
+    flags 4.8/23.3/43.5 % (mixture alone 19.3/25.9/45.6 %), F1 -/0.895/0.932 (vs -/0.848/0.916).
+
+    Parameters
+    ----------
+    p_clean : (n,) float, the detector's probability that each label is clean
+    suggested : (n,) int, argmax of the out-of-fold probabilities
+    labels : (n,) int, the given labels
+
+    Returns
+    -------
+    p_clean : (n,) float64, gated
+    agrees : (n,) bool, where the gate set ``p_clean`` to 1
+    """
+    agrees = np.asarray(suggested) == np.asarray(labels)
+    return np.where(agrees, 1.0, np.asarray(p_clean, dtype=np.float64)), agrees
