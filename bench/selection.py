@@ -4,7 +4,11 @@ Per label column (clean ``label`` or CIFAR-10N ``random_label1``) a temporary pr
 project's own stages once: ingest -> embed -> perceive (out-of-fold head) -> analyze. Then, per
 selector, ratio and seed, the selector is fitted directly on those artifacts and a
 ``dataopt.train.nets.Head`` is trained with ``dataopt.train.loop.fit`` on the kept train embeddings;
-the score is the accuracy on the CIFAR-10 test split (clean labels). ``chain`` = ``noise_filter``
+the score is the accuracy on the CIFAR-10 test split (clean labels). With ``--eval-model airbench`` the
+score comes instead from the airbench CNN trained on the kept images for ``--eval-epochs`` epochs, the
+same for every subset and full data (paper 002 §4: the training settings before and after selection are
+kept the same); on the CPU this is the short recipe of ``bench/dynamic.py``'s CPU run (width 16, batch
+256, lr 0.8). ``chain`` = ``noise_filter``
 (p_clean >= 0.5) followed by ``moderate`` at the ratio among the rows it kept. ``full`` = all rows.
 
 ``--timing`` instead times every registered selector on synthetic 50k x 512 inputs (no data needed).
@@ -18,6 +22,10 @@ Examples
   python bench/selection.py --label-columns random_label1 --dynamics bench/dynamics
       --detector calibrated_confidence --embed-backend proxy --embed-kwargs '{"epochs": 15, "folds": 0}'
       --eval-features pixels --out bench/results/selection_airbench_signals     (one command line)
+  # the same signals, scored by the airbench CNN trained on each subset (CPU: ~25 min at one ratio)
+  python bench/selection.py --label-columns random_label1 --dynamics bench/dynamics --ratios 0.3
+      --detector calibrated_confidence --embed-backend proxy --embed-kwargs '{"epochs": 15, "folds": 0}'
+      --eval-model airbench --selectors random moderate chain noise_filter --out bench/results/x
 
 Writes bench/results/selection_<label_column>.json (or selection_timing.json) atomically and prints
 a markdown table.
@@ -68,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-features", choices=["embeddings", "pixels"], default="embeddings",
                     help="what the evaluation head trains on: the embed stage's embeddings, or pixel-PCA "
                          "features (keeps a trained --embed-backend proxy's knowledge out of the score)")
+    ap.add_argument("--eval-model", choices=["head", "airbench"], default="head",
+                    help="the evaluated model: a head on --eval-features, or the airbench CNN on the images")
+    ap.add_argument("--eval-epochs", type=int, default=16, help="airbench evaluator: epochs on every subset")
+    ap.add_argument("--eval-width", type=int, default=16, help="airbench evaluator: width")
+    ap.add_argument("--eval-device", default="auto", help="airbench evaluator: auto | cpu | cuda")
     ap.add_argument("--timing", action="store_true", help="time every selector on 50k x 512 instead")
     ap.add_argument("--timing-n", type=int, default=50000)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -164,7 +177,10 @@ def prepare(args: argparse.Namespace, label_column: str, subset: np.ndarray, tra
     emb = np.load(art / "embed" / "embeddings.npy").astype(np.float32)
     tr = (samples["split"] == "train").to_numpy()
     x_eval = emb
-    if args.eval_features == "pixels" and args.embed_backend != "pixels":
+    images = None
+    if args.eval_model == "airbench":
+        images = np.load(art / "ingest" / "images.npy", mmap_mode="r")
+    elif args.eval_features == "pixels" and args.embed_backend != "pixels":
         from dataopt.embed.backends import PixelsEmbedder
 
         images = np.load(art / "ingest" / "images.npy", mmap_mode="r")
@@ -184,6 +200,8 @@ def prepare(args: argparse.Namespace, label_column: str, subset: np.ndarray, tra
         "mislabeled": labels != clean, "x_train": x_eval[tr],
         "x_test": x_eval[~tr], "y_test": y_test[test_rows].astype(np.int64),
         "seconds": seconds,
+        "images_train": None if images is None else np.asarray(images[tr]),
+        "images_test": None if images is None else np.asarray(images[~tr]),
     }
 
 
@@ -261,10 +279,33 @@ def head_accuracy(data: dict, keep: np.ndarray, seed: int, args: argparse.Namesp
     return float((pred == data["y_test"]).mean())
 
 
+# bench/dynamic.py's airbench recipe with the CPU run's batch size and learning rate
+CNN_RECIPE = {"batch_size": 256, "lr": 0.8, "momentum": 0.85, "weight_decay": 0.00133, "label_smoothing": 0.2,
+              "augment": "flip_crop", "translate": 2, "lookahead": True}
+
+
+def cnn_accuracy(data: dict, keep: np.ndarray, seed: int, args: argparse.Namespace) -> float:
+    """Test accuracy of an airbench CNN trained on the kept images for ``args.eval_epochs`` epochs."""
+    import torch
+
+    from dataopt.train.loop import FitConfig, fit, images_to_tensor, predict_logits, resolve_device, seeded
+    from dataopt.train.nets import AirbenchNet
+
+    dev = resolve_device(args.eval_device)
+    x = images_to_tensor(data["images_train"][keep], dev)
+    y = torch.as_tensor(data["inputs"]["labels"][keep], device=dev)
+    with seeded(seed):
+        model = AirbenchNet(10, width=args.eval_width, flip_tta=True).to(dev)
+    fit(model, x, y, FitConfig(epochs=args.eval_epochs, seed=seed, progress=False, **CNN_RECIPE))
+    logits = predict_logits(model, images_to_tensor(data["images_test"], dev))
+    return float((logits.argmax(1).cpu().numpy() == data["y_test"]).mean())
+
+
 def run_label(args, label_column, subset, train, work) -> dict[str, Any]:
     data = prepare(args, label_column, subset, train, work)
     results: dict[str, Any] = {}
     names = list(dict.fromkeys(["random"] + args.selectors))
+    score = cnn_accuracy if args.eval_model == "airbench" else head_accuracy
     for ratio in args.ratios:
         for name in names:
             accs, noise, secs = [], [], []
@@ -273,7 +314,7 @@ def run_label(args, label_column, subset, train, work) -> dict[str, Any]:
                 keep = select(name, data, ratio, seed)
                 secs.append(time.perf_counter() - t0)
                 noise.append(float(data["mislabeled"][keep].mean()))
-                accs.append(head_accuracy(data, keep, seed, args))
+                accs.append(score(data, keep, seed, args))
             results.setdefault(str(ratio), {})[name] = {
                 "acc": [round(float(np.mean(accs)), 4), round(float(np.std(accs)), 4)],
                 "accs": accs, "kept": int(keep.sum()),
@@ -281,7 +322,7 @@ def run_label(args, label_column, subset, train, work) -> dict[str, Any]:
                 "select_seconds": round(float(np.mean(secs)), 2)}
             print(f"  {label_column} ratio {ratio} {name}: {np.mean(accs):.4f} ± {np.std(accs):.4f}"
                   f" (kept noise {np.mean(noise):.3f})", flush=True)
-    full = [head_accuracy(data, select("full", data, 1.0, s), s, args) for s in range(args.seeds)]
+    full = [score(data, select("full", data, 1.0, s), s, args) for s in range(args.seeds)]
     return {"label_column": label_column, "n": int(len(subset)),
             "noise_rate": round(float(data["mislabeled"].mean()), 4),
             "full": [round(float(np.mean(full)), 4), round(float(np.std(full)), 4)],
@@ -334,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             res = run_label(args, col, subset, train, Path(tmp))
             write_json(args.out / f"selection_{col}.json", {
                 **res, "config": cfg, "machine": machine(),
+                **({"eval_recipe": CNN_RECIPE} if args.eval_model == "airbench" else {}),
                 "seconds": round(time.perf_counter() - t0, 1)})
             print(table(res), flush=True)
             print()
