@@ -22,7 +22,7 @@ Examples
   python bench/selection.py --label-columns random_label1 --dynamics bench/dynamics
       --detector calibrated_confidence --embed-backend proxy --embed-kwargs '{"epochs": 15, "folds": 0}'
       --eval-features pixels --out bench/results/selection_airbench_signals     (one command line)
-  # the same signals, scored by the airbench CNN trained on each subset (CPU: ~25 min at one ratio)
+  # the same signals, scored by the airbench CNN trained on each subset (2 CPU cores: ~40 min, 6 selectors)
   python bench/selection.py --label-columns random_label1 --dynamics bench/dynamics --ratios 0.3
       --detector calibrated_confidence --embed-backend proxy --embed-kwargs '{"epochs": 15, "folds": 0}'
       --eval-model airbench --selectors random moderate chain noise_filter --out bench/results/x
@@ -301,7 +301,8 @@ def cnn_accuracy(data: dict, keep: np.ndarray, seed: int, args: argparse.Namespa
     return float((logits.argmax(1).cpu().numpy() == data["y_test"]).mean())
 
 
-def run_label(args, label_column, subset, train, work) -> dict[str, Any]:
+def run_label(args, label_column, subset, train, work, save=None) -> dict[str, Any]:
+    """Every selector at every ratio, then full data; ``save(partial)`` after each selector."""
     data = prepare(args, label_column, subset, train, work)
     results: dict[str, Any] = {}
     names = list(dict.fromkeys(["random"] + args.selectors))
@@ -322,6 +323,10 @@ def run_label(args, label_column, subset, train, work) -> dict[str, Any]:
                 "select_seconds": round(float(np.mean(secs)), 2)}
             print(f"  {label_column} ratio {ratio} {name}: {np.mean(accs):.4f} ± {np.std(accs):.4f}"
                   f" (kept noise {np.mean(noise):.3f})", flush=True)
+            if save is not None:  # a long (CNN) run keeps what it measured if it is stopped
+                save({"label_column": label_column, "n": int(len(subset)), "full": None,
+                      "noise_rate": round(float(data["mislabeled"].mean()), 4),
+                      "stage_seconds": data["seconds"], "results": results})
     full = [score(data, select("full", data, 1.0, s), s, args) for s in range(args.seeds)]
     return {"label_column": label_column, "n": int(len(subset)),
             "noise_rate": round(float(data["mislabeled"].mean()), 4),
@@ -372,11 +377,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dataopt_selection_") as tmp:
         for col in args.label_columns:
             t0 = time.perf_counter()
-            res = run_label(args, col, subset, train, Path(tmp))
-            write_json(args.out / f"selection_{col}.json", {
-                **res, "config": cfg, "machine": machine(),
-                **({"eval_recipe": CNN_RECIPE} if args.eval_model == "airbench" else {}),
-                "seconds": round(time.perf_counter() - t0, 1)})
+
+            def save(res: dict[str, Any], col=col, t0=t0) -> None:
+                write_json(args.out / f"selection_{col}.json", {
+                    **res, "config": cfg, "machine": machine(),
+                    **({"eval_recipe": CNN_RECIPE} if args.eval_model == "airbench" else {}),
+                    "seconds": round(time.perf_counter() - t0, 1)})
+
+            res = run_label(args, col, subset, train, Path(tmp), save)
+            save(res)
             print(table(res), flush=True)
             print()
     return 0
