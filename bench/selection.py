@@ -22,7 +22,7 @@ Examples
   python bench/selection.py --label-columns random_label1 --dynamics bench/dynamics
       --detector calibrated_confidence --embed-backend proxy --embed-kwargs '{"epochs": 15, "folds": 0}'
       --eval-features pixels --out bench/results/selection_airbench_signals     (one command line)
-  # the same signals, scored by the airbench CNN trained on each subset (2 CPU cores: ~40 min, 6 selectors)
+  # the same signals, scored by the airbench CNN trained on each subset (2 CPU cores: ~30 min, 6 selectors)
   python bench/selection.py --label-columns random_label1 --dynamics bench/dynamics --ratios 0.3
       --detector calibrated_confidence --embed-backend proxy --embed-kwargs '{"epochs": 15, "folds": 0}'
       --eval-model airbench --selectors random moderate chain noise_filter --out bench/results/x
