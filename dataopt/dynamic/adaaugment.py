@@ -56,7 +56,7 @@ from torch import nn
 
 from dataopt.errors import ConfigError, DataError
 from dataopt.optimize.augment.batch import BatchAugmenter
-from dataopt.train.loop import normalise, random_crop_flip, seeded
+from dataopt.train.loop import crop_pad, normalise, random_crop_flip, seeded
 
 POLICIES = ("randaugment", "trivialaugment", "autoaugment", "augmix")
 BASES = ("none", "crop", "flip_crop")
@@ -212,7 +212,7 @@ class AdaAugment:
         """``train.augment`` crop/flip as uint8 (a reflect-pad gather: values stay exact integers)."""
         if self.base == "none":
             return xb
-        pad = int(self.translate or max(1, xb.shape[-1] // 8))
+        pad = crop_pad(self.translate, xb.shape[-1])
         return random_crop_flip(xb.float(), pad, self.base == "flip_crop", gen).to(torch.uint8)
 
     def _logits(self, feats: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,11 @@ def normalise(batch: torch.Tensor) -> torch.Tensor:
     return batch.float()
 
 
+def crop_pad(translate: Optional[int], width: int) -> int:
+    """Largest crop shift in px: ``train.translate`` when set, else ``width // 8`` (at least 1)."""
+    return int(translate or max(1, width // 8))
+
+
 def random_crop_flip(
     x: torch.Tensor,
     pad: int,
@@ -140,7 +145,7 @@ def fit(
         on the seeded generator), so steps and samples seen per epoch stay the same.
     augment_magnitudes : (N,) float tensor in [0, 1], or None (images only)
         Extra per-sample translation on top of ``cfg.augment``: sample i moves by up to
-        ``ceil(m_i * pad)`` more px (``pad = max(1, W // 8)``); 0 = the ``cfg.augment`` default only.
+        ``ceil(m_i * pad)`` more px (``pad = crop_pad(cfg.translate, W)``); 0 = the ``cfg.augment`` default only.
         Flips stay governed by ``cfg.augment`` alone (a flip is not label-preserving for every dataset).
     loss_fn : callable, optional
         ``loss_fn(logits (B, C) float, targets (B,), weights (B,), epoch (1-based), indices (B,))`` ->
@@ -236,7 +241,7 @@ def fit(
             if augment_fn is not None:
                 xb = augment_fn(xb, idx, epoch + 1, gen)
             elif is_image and (cfg.augment != "none" or mags is not None):
-                pad = cfg.translate or max(1, xb.shape[-1] // 8)
+                pad = crop_pad(cfg.translate, xb.shape[-1])
                 flip = cfg.augment == "flip_crop"
                 if mags is None:
                     xb = random_crop_flip(xb.float(), pad, flip, gen)

@@ -27,7 +27,7 @@ import torch
 from torchvision.transforms import v2
 
 from dataopt.errors import ConfigError
-from dataopt.train.loop import MEAN, STD, random_crop_flip
+from dataopt.train.loop import MEAN, STD, crop_pad, random_crop_flip
 
 IMAGE_POLICIES = ("flips_crops", "randaugment", "trivialaugment", "autoaugment", "augmix")
 MIX_POLICIES = ("mixup", "cutmix")
@@ -154,7 +154,7 @@ class BatchAugmenter:
         policy = None if self.image is None else self.image["policy"]
         if policy is not None and policy != "flips_crops":
             xb = self.apply_policy(xb, m, gen)
-        pad = self.translate or max(1, xb.shape[-1] // 8)
+        pad = crop_pad(self.translate, xb.shape[-1])
         if policy == "flips_crops":
             base_pad = pad if self.base != "none" else 0
             pad = max(1, base_pad, int(round(float(self.image.get("pad_fraction", 0.125)) * xb.shape[-1])))
