@@ -14,16 +14,17 @@ Parts (``--parts``):
   adaaugment on clean labels: flip+crop only vs + RandAugment vs + TrivialAugmentWide vs + AdaAugment
 
 The density_consistency signals come from a K-fold (--proxy-folds) out-of-fold proxy run of the same
-network on the same labels: semantic consistency = out-of-fold probability of the label (no text tower on CIFAR here), and
-kNN density = mean Euclidean distance to the 10 nearest neighbours of the L2-normalised penultimate
-features (faiss). The same proxy run gives the early losses of the curated pipeline.
+network on the same labels: semantic consistency = out-of-fold probability of the label (no text tower
+on CIFAR here), and kNN density = mean Euclidean distance to the 10 nearest neighbours of the
+L2-normalised penultimate features (faiss). The same proxy run gives the early losses of the curated
+pipeline.
 
 Examples
 --------
   python bench/dynamic.py --device cuda                          # the GPU benchmark (H100: ~8 min)
   python bench/dynamic.py --device cpu --model head --seeds 2    # CPU: head on pixel-PCA embeddings
   python bench/dynamic.py --device cpu --width 16 --n 10000 --epochs 8 --proxy-epochs 8 \
-      --batch-size 256 --lr 0.8 --parts dynamic curated           # CPU: a short airbench run (~1 h)
+      --batch-size 256 --lr 0.8 --parts dynamic curated           # CPU: a short airbench run (~1.5 h)
   python bench/dynamic.py --parts timing --seeds 3                # only the airbench timing
 
 Writes bench/results/dynamic_<device>.json (atomic, updated after every part) and prints tables.

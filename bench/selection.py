@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from common import argument_parser, dynamics_file, stratified_subset
+from dynamic import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SELECTORS = ["random", "herding", "kcenter", "moderate", "el2n_easy", "el2n_hard",
@@ -177,13 +178,11 @@ def prepare(args: argparse.Namespace, label_column: str, subset: np.ndarray, tra
     emb = np.load(art / "embed" / "embeddings.npy").astype(np.float32)
     tr = (samples["split"] == "train").to_numpy()
     x_eval = emb
-    images = None
-    if args.eval_model == "airbench":
-        images = np.load(art / "ingest" / "images.npy", mmap_mode="r")
-    elif args.eval_features == "pixels" and args.embed_backend != "pixels":
+    images = np.load(art / "ingest" / "images.npy", mmap_mode="r")  # memory-mapped: read where used
+    cnn = args.eval_model == "airbench"
+    if not cnn and args.eval_features == "pixels" and args.embed_backend != "pixels":
         from dataopt.embed.backends import PixelsEmbedder
 
-        images = np.load(art / "ingest" / "images.npy", mmap_mode="r")
         x_eval = PixelsEmbedder(dim=128).fit(images[tr]).transform(images).astype(np.float32)
     signals = pd.read_parquet(art / "perceive" / "signals.parquet")
     analysis = pd.read_parquet(art / "analyze" / "analysis.parquet")
@@ -200,8 +199,8 @@ def prepare(args: argparse.Namespace, label_column: str, subset: np.ndarray, tra
         "mislabeled": labels != clean, "x_train": x_eval[tr],
         "x_test": x_eval[~tr], "y_test": y_test[test_rows].astype(np.int64),
         "seconds": seconds,
-        "images_train": None if images is None else np.asarray(images[tr]),
-        "images_test": None if images is None else np.asarray(images[~tr]),
+        "images_train": np.asarray(images[tr]) if cnn else None,
+        "images_test": np.asarray(images[~tr]) if cnn else None,
     }
 
 
@@ -279,9 +278,10 @@ def head_accuracy(data: dict, keep: np.ndarray, seed: int, args: argparse.Namesp
     return float((pred == data["y_test"]).mean())
 
 
-# bench/dynamic.py's airbench recipe with the CPU run's batch size and learning rate
-CNN_RECIPE = {"batch_size": 256, "lr": 0.8, "momentum": 0.85, "weight_decay": 0.00133, "label_smoothing": 0.2,
-              "augment": "flip_crop", "translate": 2, "lookahead": True}
+# bench/dynamic.py's airbench recipe with its CPU run's batch size and learning rate (and its defaults:
+# flip + 2-px crop, lookahead)
+CNN_RECIPE = {**RECIPES["airbench"], "batch_size": 256, "lr": 0.8, "augment": "flip_crop", "translate": 2,
+              "lookahead": True}
 
 
 def cnn_accuracy(data: dict, keep: np.ndarray, seed: int, args: argparse.Namespace) -> float:
