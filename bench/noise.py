@@ -200,7 +200,7 @@ def analyse(root: Path, seed: int, meta: dict[str, Any]) -> dict[str, Any]:
 
 FORMAT = 1
 MAX_BYTES = 15_000_000  # the device returns files up to 16 MiB, 64 MiB together
-DYN_FLOAT16 = ("loss", "margin", "logit_margin", "error_norm", "feature_norm")
+DYN_FLOAT16 = ("loss", "margin", "logit_margin", "error_norm", "feature_norm", "center_distance")
 
 
 def _shuffle16(a: np.ndarray) -> np.ndarray:
@@ -228,7 +228,8 @@ def save_dynamics(root: Path, dest: Path, meta: dict[str, Any], max_bytes: int =
       ``class_names`` (C,) str;
     - dynamics: ``fold`` (n,) int8, ``epochs_per_fold``, ``probs`` (n, C) float32 exactly as perceive
       wrote them (analyze and cleanlab read these), ``correct`` bit-packed (E, n), and ``loss``,
-      ``margin``, ``logit_margin``, ``error_norm``, ``feature_norm`` as float16 byte planes
+      ``margin``, ``logit_margin``, ``error_norm``, ``feature_norm``, ``center_distance`` as float16
+      byte planes
       (ranking precision; ``p_label`` is restored as ``exp(-loss)``);
     - ``sig/<column>``: every signals.parquet column, losslessly: float64 as float32 where that is
       exact, integers in the smallest integer type that holds them;
@@ -362,7 +363,9 @@ def restore_project(src: Path, root: Path) -> dict[str, Any]:
     save_npy(paths.stage("embed") / "embeddings.npy", d["projection"].astype(np.float32))
     save_npz(paths.stage("embed") / "knn.npz", sample_id=sid, indices=d["knn_indices"].astype(np.int64),
              distances=d["knn_distances"].astype(np.float32))
-    dyn16 = {name: _unshuffle16(d[name], (E, n)) for name in DYN_FLOAT16}
+    # files saved before center_distance existed lack it (and its signal): restored as NaN
+    dyn16 = {name: _unshuffle16(d[name], (E, n)) if name in d else np.full((E, n), np.nan, np.float32)
+             for name in DYN_FLOAT16}
     Dynamics(sample_id=sid, fold=d["fold"].astype(np.int64), p_label=np.exp(-dyn16["loss"]),
              correct=np.unpackbits(d["correct"], axis=1, count=n).astype(bool),
              probs=d["probs"], epochs_completed=E, epochs_per_fold=d["epochs_per_fold"],

@@ -133,7 +133,8 @@ def _perceived_project(root: Path, n: int, epochs: int, k: int = 10, C: int = 10
              margin=p_y - other.max(2), correct=p.argmax(2) == label,
              logit_margin=logits[:, rows, label] - z_other.max(2),
              error_norm=np.linalg.norm(p - np.eye(C, dtype=np.float32)[label], axis=2),
-             feature_norm=rng.uniform(5, 15, (epochs, n)).astype(np.float32), probs=p[-1],
+             feature_norm=rng.uniform(5, 15, (epochs, n)).astype(np.float32),
+             center_distance=rng.uniform(0, 20, (epochs, n)).astype(np.float32), probs=p[-1],
              epochs_completed=epochs, epochs_per_fold=np.full(4, epochs)).save(
         paths.stage("perceive") / "dynamics.npz")
     cols = {"sample_id": pa.array(sid, pa.int64()), "label": pa.array(label, pa.int64())}
@@ -162,7 +163,7 @@ def test_restore_is_lossless_for_what_the_detectors_read(tmp_path: Path):
     for name in ("sample_id", "fold", "correct", "probs", "epochs_per_fold"):
         np.testing.assert_array_equal(getattr(da, name), getattr(db, name))
     assert db.probs.dtype == np.float32 and da.epochs_completed == db.epochs_completed == 5
-    for name in ("loss", "p_label", "margin", "logit_margin", "error_norm", "feature_norm"):
+    for name in ("loss", "p_label", "margin", "logit_margin", "error_norm", "feature_norm", "center_distance"):
         x, y = getattr(da, name), getattr(db, name)
         assert y.dtype == np.float32 and y.shape == x.shape
         np.testing.assert_allclose(y, x, rtol=2e-3, atol=1e-4)  # float16
@@ -173,6 +174,18 @@ def test_restore_is_lossless_for_what_the_detectors_read(tmp_path: Path):
         np.testing.assert_array_equal(ka["indices"], kb["indices"])
         np.testing.assert_allclose(ka["distances"], kb["distances"], rtol=1e-3)
     assert np.load(b / "embed" / "embeddings.npy").shape == (500, 2)
+
+
+def test_files_saved_before_center_distance_restore_it_as_nan(tmp_path: Path):
+    src = _perceived_project(tmp_path / "src", n=200, epochs=3)
+    noise.save_dynamics(src.root, tmp_path / "x_s0.npz", {"label_column": "x", "seed": 0})
+    with np.load(tmp_path / "x_s0.npz") as z:
+        old = {k: z[k] for k in z.files if k != "center_distance"}
+    np.savez_compressed(tmp_path / "old_s0.npz", **old)
+    noise.restore_project(tmp_path / "old_s0.npz", tmp_path / "dst")
+    db = Dynamics.load(tmp_path / "dst" / "artifacts" / "perceive" / "dynamics.npz")
+    assert db.center_distance.shape == (3, 200) and np.isnan(db.center_distance).all()
+    assert np.isfinite(db.loss).all()
 
 
 def test_file_stays_under_15_mb_at_50k_rows(tmp_path: Path):

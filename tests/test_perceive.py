@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from dataopt.config import validate
 from dataopt.errors import ConfigError, DataError, MissingArtifactError
@@ -46,7 +47,7 @@ def test_artifacts_shapes_dtypes_and_catalogue(noisy):
     assert dyn.epochs_completed == 12 and dyn.epochs_per_fold.tolist() == [12] * 4
     assert np.array_equal(dyn.sample_id, train.sample_id.to_numpy())
     assert sorted(np.unique(dyn.fold)) == [0, 1, 2, 3]
-    for name in ("loss", "p_label", "margin", "logit_margin", "error_norm", "feature_norm"):
+    for name in ("loss", "p_label", "margin", "logit_margin", "error_norm", "feature_norm", "center_distance"):
         assert getattr(dyn, name).shape == (12, n) and getattr(dyn, name).dtype == np.float32
     assert dyn.correct.shape == (12, n) and dyn.correct.dtype == bool
     assert dyn.probs.shape == (n, 10) and dyn.probs.dtype == np.float32
@@ -129,6 +130,10 @@ def test_flipped_labels_have_higher_early_loss_and_lower_margin(noisy):
     assert (sig.pred_label[flipped] == clean_label[flipped]).mean() > 0.6  # predictions recover the truth
     assert sig.knn_label_agreement[flipped].mean() < sig.knn_label_agreement[~flipped].mean()
     assert sig.class_center_distance[flipped].mean() > sig.class_center_distance[~flipped].mean()
+    # out of fold, a flipped row sits near its true class, far from the centre of its given one
+    auc = (sig.oof_center_distance[flipped].to_numpy()[:, None]
+           > sig.oof_center_distance[~flipped].to_numpy()[None]).mean()
+    assert auc > 0.8
 
 
 def test_deterministic_on_cpu(noisy, tmp_path, digits_writer):
@@ -212,7 +217,7 @@ def test_signals_on_hand_made_dynamics():
                    margin=np.array([[0.1, 0.2, 0.3]] * 3 + [[0.5, -0.5, 0.0]], np.float32),
                    correct=correct, logit_margin=np.zeros((4, 3), np.float32),
                    error_norm=np.zeros((4, 3), np.float32), feature_norm=np.ones((4, 3), np.float32),
-                   probs=probs, epochs_completed=4, epochs_per_fold=np.array([4]))
+                   center_distance=np.arange(12, dtype=np.float32).reshape(4, 3) / 10, probs=probs, epochs_completed=4, epochs_per_fold=np.array([4]))
     labels = np.array([0, 1, 1])
     emb = np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]], np.float32)
     knn_idx = np.array([[1, 2], [0, 2], [1, 0]])
@@ -233,6 +238,7 @@ def test_signals_on_hand_made_dynamics():
     np.testing.assert_allclose(v["knn_density"], [2.0, 1.5, 2.5])
     np.testing.assert_allclose(v["knn_label_agreement"], [0.0, 0.5, 0.5])
     np.testing.assert_allclose(v["class_center_distance"], [0.0, 1.0, 1.0])  # class 1 centre at x=2
+    np.testing.assert_allclose(v["oof_center_distance"], [0.9, 1.0, 1.1], rtol=1e-6)  # the last epoch
     assert cat["forgetting"]["dtype"] == "int64"
 
     bad = SignalInputs(labels=labels, dynamics=dyn, embeddings=emb, knn_indices=knn_idx,
@@ -241,6 +247,15 @@ def test_signals_on_hand_made_dynamics():
         compute_signals(bad, ["knn_density"], sample_id=np.array([7, 8, 9]))
     with pytest.raises(DataError, match="needs 'dynamics'"):
         compute_signals(SignalInputs(labels=labels), ["loss_last"])
+
+
+def test_center_distance_uses_the_centre_of_each_rows_own_label():
+    # rows are L2-normalised first: class 0 = {(1, 0), (0, 1)} around (0.5, 0.5); class 2's two rows
+    # point the same way (distance 0 whatever their norms); class 1 alone: 0; class 3 absent
+    h = torch.tensor([[3.0, 0.0], [0.0, 2.0], [0.0, 3.0], [0.0, 5.0], [7.0, 7.0]])
+    y = torch.tensor([0, 0, 2, 2, 1])
+    d = dynamics_mod.center_distance(h, y, n_classes=4)
+    torch.testing.assert_close(d, torch.tensor([0.5 ** 0.5, 0.5 ** 0.5, 0.0, 0.0, 0.0]))
 
 
 def test_missing_embed_artifacts_name_the_stage(digits_ingested: Paths):

@@ -278,6 +278,26 @@ class ClassCenterDistance(Signal):
         return np.linalg.norm(z - centers[y], axis=1)
 
 
+@SIGNALS.register("oof_center_distance")
+class OOFCenterDistance(Signal):
+    """Paper 002 (Moderate coreset) §3's d(s) = ||z - c_y||_2 on a representation extractor that never
+    trained on the row: the penultimate features of the fold model that held it out, with c_y the mean
+    features of that fold's held-out rows labelled y. Moderate-DS assumes an extractor that has not
+    memorised the labels (a public pre-trained model); ``class_center_distance`` on embeddings from a
+    network trained on every row (the ``proxy`` embedder) pulls a mislabeled row toward its wrong class.
+    Use it as ``moderate``'s ``score``."""
+
+    requires = ("dynamics",)
+    type = "distribution"
+    direction = "higher = farther from its class (atypical, or mislabeled)"
+    description = ("distance of the out-of-fold penultimate features (L2-normalised) to the mean of the "
+                   "normalised out-of-fold features of its given class in the same fold, at the last "
+                   "completed epoch")
+
+    def compute(self, inputs: SignalInputs) -> np.ndarray:
+        return inputs.dynamics.center_distance[-1].astype(np.float64)
+
+
 @SIGNALS.register("grand")
 class GraNd(Signal):
     """GraNd (Paul et al. 2021, cited by paper 002 appendix A) in its last-layer closed form: the

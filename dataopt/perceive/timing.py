@@ -39,6 +39,7 @@ def synthetic_inputs(n: int = 50_000, d: int = 512, classes: int = 10, k: int = 
         sample_id=np.arange(n, dtype=np.int64), fold=rng.integers(0, 4, n), loss=-np.log(p_label),
         p_label=p_label, margin=per_epoch(p_y) - 0.5, correct=per_epoch(p_y) > 0.5,
         logit_margin=per_epoch(p_y) * 4 - 2, error_norm=1 - p_label, feature_norm=per_epoch(np.full(n, 0.9)),
+        center_distance=per_epoch(1 - p_y),
         probs=probs, epochs_completed=epochs, epochs_per_fold=np.full(4, epochs),
     )
     idx = (np.arange(n)[:, None] + rng.integers(1, n, (n, k))) % n  # never the row itself

@@ -138,6 +138,10 @@ class ModerateCoreset:
     The default score is the distance of a sample's embedding to its class centre,
     ``d_i = ||z_i - c_{y_i}||_2`` with ``c_y`` the mean embedding of class ``y`` over the candidate
     rows; ``score`` names any other signal column instead (e.g. ``el2n``: "EL2N+" in the paper).
+    The paper's extractor never saw the labels (a public pre-trained model). When the embeddings come
+    from a network trained on the noisy labels (the ``proxy`` embedder), ``score="oof_center_distance"``
+    keeps that property: the same distance in the feature space of the perceive fold model that held
+    the row out.
     Samples are sorted by score ascending and the ``m`` in the middle are kept: the paper's coreset
     ``{s_(a+1), ..., s_(n-a)}`` with ``a = (n - m) / 2``; when ``n - m`` is odd the extra sample is
     dropped from the top. Ties are broken by row order.
