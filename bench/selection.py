@@ -8,8 +8,8 @@ the score is the accuracy on the CIFAR-10 test split (clean labels). With ``--ev
 score comes instead from the airbench CNN trained on the kept images for ``--eval-epochs`` epochs, the
 same for every subset and full data (paper 002 §4: the training settings before and after selection are
 kept the same); on the CPU this is the short recipe of ``bench/dynamic.py``'s CPU run (width 16, batch
-256, lr 0.8). ``chain`` = ``noise_filter``
-(p_clean >= 0.5) followed by ``moderate`` at the ratio among the rows it kept. ``full`` = all rows.
+256, lr 0.8). ``chain`` = ``noise_filter`` (p_clean >= 0.5) followed by ``moderate`` at the ratio
+among the rows it kept. ``full`` = all rows. ``NAME:KEY=VALUE`` passes kwargs to a selector.
 
 ``--timing`` instead times every registered selector on synthetic 50k x 512 inputs (no data needed).
 
@@ -26,6 +26,15 @@ Examples
   python bench/selection.py --label-columns random_label1 --dynamics bench/dynamics --ratios 0.3
       --detector calibrated_confidence --embed-backend proxy --embed-kwargs '{"epochs": 15, "folds": 0}'
       --eval-model airbench --selectors random moderate chain noise_filter --out bench/results/x
+  # Moderate on an extractor that never saw the row: a CPU 4-fold airbench perceive run gives
+  # oof_center_distance (the saved GPU file predates it, so this run's value is kept); --work keeps
+  # the stages so a second run (e.g. --eval-model airbench) reuses them
+  python bench/selection.py --label-columns random_label1 --dynamics bench/dynamics --ratios 0.3
+      --detector calibrated_confidence --embed-backend proxy --embed-kwargs '{"epochs": 15, "folds": 0}'
+      --perceive-kwargs '{"model": "airbench", "width": 16, "epochs": 10, "augment": "flip_crop",
+      "batch_size": 256, "lr": 0.8, "weight_decay": 0.00133, "label_smoothing": 0.2}' --work /tmp/sel
+      --eval-features pixels --selectors random moderate moderate:score=oof_center_distance
+      chain:score=oof_center_distance --out bench/results/x
 
 Writes bench/results/selection_<label_column>.json (or selection_timing.json) atomically and prints
 a markdown table.
@@ -62,10 +71,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 (selector and head init)")
     ap.add_argument("--selectors", nargs="+", default=DEFAULT_SELECTORS,
-                    help="SELECTORS names, plus 'chain' (noise_filter -> moderate)")
+                    help="SELECTORS names, plus 'chain' (noise_filter -> moderate); NAME:KEY=VALUE[,...] "
+                         "adds kwargs (VALUE as JSON, else a string), e.g. moderate:score=oof_center_distance "
+                         "(for chain they go to moderate)")
     ap.add_argument("--embed-backend", default="pixels", help="embed.backend (pixels | proxy)")
     ap.add_argument("--embed-kwargs", type=json.loads, default={"dim": 128}, help="JSON")
     ap.add_argument("--perceive-epochs", type=int, default=20)
+    ap.add_argument("--perceive-kwargs", type=json.loads, default={},
+                    help="JSON merged into params perceive (e.g. an image model: model, width, augment, "
+                         "lr, batch_size, label_smoothing)")
     ap.add_argument("--hidden", type=int, default=512, help="Head hidden width (perceive and eval)")
     ap.add_argument("--epochs", type=int, default=15,
                     help="epochs of the evaluation head over the full train set (subsets: same steps)")
@@ -84,6 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-device", default="auto", help="airbench evaluator: auto | cpu | cuda")
     ap.add_argument("--timing", action="store_true", help="time every selector on 50k x 512 instead")
     ap.add_argument("--timing-n", type=int, default=50000)
+    ap.add_argument("--work", type=Path, default=None,
+                    help="keep the stage artifacts in DIR/<label_column> and reuse a stage whose params "
+                         "(and every earlier stage's) match its last run there (default: a temporary "
+                         "folder)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     return ap.parse_args(argv)
 
@@ -146,7 +164,7 @@ def prepare(args: argparse.Namespace, label_column: str, subset: np.ndarray, tra
     from dataopt.stages import run_stage
 
     root = work / label_column
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
     pq.write_table(train.take(pa.array(subset)), root / "train.parquet")
     test = pq.read_table(args.data / "test.parquet")
     # test.parquet is sorted by class: take a stratified subset, not the first rows
@@ -160,18 +178,27 @@ def prepare(args: argparse.Namespace, label_column: str, subset: np.ndarray, tra
                    "label_name_column": None},
         "embed": {"backend": args.embed_backend, "kwargs": args.embed_kwargs, "device": "cpu"},
         "perceive": {"model": "head", "hidden": args.hidden, "epochs": args.perceive_epochs,
-                     "early_epochs": 3, "device": "cpu"},
+                     "early_epochs": 3, "device": "cpu", **args.perceive_kwargs},
         "analyze": {"detector": args.detector},
         "tracking": {"enabled": False},
     })
     paths = Paths.at(root)
     seconds = {}
+    key: dict[str, Any] = {"n": args.n, "n_test": args.n_test, "seed": params.seed,
+                           "dynamics": str(args.dynamics)}
     for stage in ("ingest", "embed", "perceive", "analyze"):
-        if stage == "analyze" and args.dynamics is not None:
-            use_saved_dynamics(dynamics_file(args.dynamics, label_column, 0), subset, paths)
+        key[stage] = params.section(stage)
+        marker = paths.stage(stage) / ".bench_key.json"
+        if stage != "analyze" and marker.exists() and json.loads(marker.read_text()) == key:
+            print(f"  {label_column}: {stage} reused from {paths.stage(stage)}", flush=True)
+            continue
+        marker.unlink(missing_ok=True)
         t0 = time.perf_counter()
         run_stage(stage, params, paths)
+        if stage == "perceive" and args.dynamics is not None:
+            use_saved_dynamics(dynamics_file(args.dynamics, label_column, 0), subset, paths)
         seconds[stage] = round(time.perf_counter() - t0, 1)
+        marker.write_text(json.dumps(key))
         print(f"  {label_column}: {stage} {seconds[stage]} s", flush=True)
     art = root / "artifacts"
     samples = pd.read_parquet(art / "ingest" / "samples.parquet")
@@ -240,11 +267,27 @@ def use_saved_dynamics(path: Path, subset: np.ndarray, paths) -> None:
           f"out-of-fold accuracy {meta.get('oof_accuracy')}): {len(oof)} signals + probs", flush=True)
 
 
-def select(name: str, data: dict, ratio: float, seed: int) -> np.ndarray:
+def parse_selector(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"moderate:score=oof_center_distance,per_class=true"`` -> ``("moderate", {...})``."""
+    name, _, rest = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--selectors {spec!r}: {item!r} is not KEY=VALUE")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return name, kwargs
+
+
+def select(spec: str, data: dict, ratio: float, seed: int) -> np.ndarray:
     from dataopt.registry import SELECTORS
 
     inputs = data["inputs"]
     n = len(inputs["labels"])
+    name, kwargs = parse_selector(spec)
 
     def run(method: str, keep=None, **kw):
         sel = SELECTORS.build(method, kw, random_state=seed)
@@ -253,8 +296,8 @@ def select(name: str, data: dict, ratio: float, seed: int) -> np.ndarray:
     if name == "full":
         return np.ones(n, dtype=bool)
     if name == "chain":  # noise filter, then moderate among the rows it kept (steps composition)
-        return run("moderate", keep=run("noise_filter", threshold=0.5), ratio=ratio)
-    return run(name, ratio=ratio)
+        return run("moderate", keep=run("noise_filter", threshold=0.5), ratio=ratio, **kwargs)
+    return run(name, ratio=ratio, **kwargs)
 
 
 def head_accuracy(data: dict, keep: np.ndarray, seed: int, args: argparse.Namespace) -> float:
@@ -375,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     train = pq.read_table(args.data / "train.parquet")
     subset = stratified_subset(train.column("label").to_numpy(), args.n, seed=0)
     with tempfile.TemporaryDirectory(prefix="dataopt_selection_") as tmp:
+        work = Path(tmp) if args.work is None else args.work
         for col in args.label_columns:
             t0 = time.perf_counter()
 
@@ -384,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                     **({"eval_recipe": CNN_RECIPE} if args.eval_model == "airbench" else {}),
                     "seconds": round(time.perf_counter() - t0, 1)})
 
-            res = run_label(args, col, subset, train, Path(tmp), save)
+            res = run_label(args, col, subset, train, work, save)
             save(res)
             print(table(res), flush=True)
             print()
