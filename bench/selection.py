@@ -71,9 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 (selector and head init)")
     ap.add_argument("--selectors", nargs="+", default=DEFAULT_SELECTORS,
-                    help="SELECTORS names, plus 'chain' (noise_filter -> moderate); NAME:KEY=VALUE[,...] "
-                         "adds kwargs (VALUE as JSON, else a string), e.g. moderate:score=oof_center_distance "
-                         "(for chain they go to moderate)")
+                    help="SELECTORS names, plus 'chain' (noise_filter -> moderate); "
+                         "NAME:KEY=VALUE[,...] adds kwargs (VALUE as JSON, else a string), e.g. "
+                         "moderate:score=oof_center_distance (for chain they go to moderate)")
     ap.add_argument("--embed-backend", default="pixels", help="embed.backend (pixels | proxy)")
     ap.add_argument("--embed-kwargs", type=json.loads, default={"dim": 128}, help="JSON")
     ap.add_argument("--perceive-epochs", type=int, default=20)

@@ -163,7 +163,8 @@ def test_restore_is_lossless_for_what_the_detectors_read(tmp_path: Path):
     for name in ("sample_id", "fold", "correct", "probs", "epochs_per_fold"):
         np.testing.assert_array_equal(getattr(da, name), getattr(db, name))
     assert db.probs.dtype == np.float32 and da.epochs_completed == db.epochs_completed == 5
-    for name in ("loss", "p_label", "margin", "logit_margin", "error_norm", "feature_norm", "center_distance"):
+    for name in ("loss", "p_label", "margin", "logit_margin", "error_norm", "feature_norm",
+                 "center_distance"):
         x, y = getattr(da, name), getattr(db, name)
         assert y.dtype == np.float32 and y.shape == x.shape
         np.testing.assert_allclose(y, x, rtol=2e-3, atol=1e-4)  # float16

@@ -47,7 +47,8 @@ def test_artifacts_shapes_dtypes_and_catalogue(noisy):
     assert dyn.epochs_completed == 12 and dyn.epochs_per_fold.tolist() == [12] * 4
     assert np.array_equal(dyn.sample_id, train.sample_id.to_numpy())
     assert sorted(np.unique(dyn.fold)) == [0, 1, 2, 3]
-    for name in ("loss", "p_label", "margin", "logit_margin", "error_norm", "feature_norm", "center_distance"):
+    for name in ("loss", "p_label", "margin", "logit_margin", "error_norm", "feature_norm",
+                 "center_distance"):
         assert getattr(dyn, name).shape == (12, n) and getattr(dyn, name).dtype == np.float32
     assert dyn.correct.shape == (12, n) and dyn.correct.dtype == bool
     assert dyn.probs.shape == (n, 10) and dyn.probs.dtype == np.float32
@@ -217,7 +218,8 @@ def test_signals_on_hand_made_dynamics():
                    margin=np.array([[0.1, 0.2, 0.3]] * 3 + [[0.5, -0.5, 0.0]], np.float32),
                    correct=correct, logit_margin=np.zeros((4, 3), np.float32),
                    error_norm=np.zeros((4, 3), np.float32), feature_norm=np.ones((4, 3), np.float32),
-                   center_distance=np.arange(12, dtype=np.float32).reshape(4, 3) / 10, probs=probs, epochs_completed=4, epochs_per_fold=np.array([4]))
+                   center_distance=np.arange(12, dtype=np.float32).reshape(4, 3) / 10,
+                   probs=probs, epochs_completed=4, epochs_per_fold=np.array([4]))
     labels = np.array([0, 1, 1])
     emb = np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]], np.float32)
     knn_idx = np.array([[1, 2], [0, 2], [1, 0]])

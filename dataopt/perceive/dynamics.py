@@ -43,9 +43,10 @@ class Dynamics:
         reads (the standardised embedding for a linear head); with ``error_norm`` it gives GraNd's
         last-layer closed form without storing the features
     center_distance : (E, n) float32, ``||h_i - c_{y_i}||_2``: the distance of the row's penultimate
-        features (L2-normalised) to the mean normalised features of the held-out rows of its fold that carry its given label, all
-        in the feature space of the fold model that held them out (paper 002 §3's score on an extractor
-        that never trained on the row, so a mislabeled row stays near its true class)
+        features (L2-normalised) to the mean normalised features of the held-out rows of its fold that
+        carry its given label, all in the feature space of the fold model that held them out (paper
+        002 §3's score on an extractor that never trained on the row, so a mislabeled row stays near
+        its true class)
     probs : (n, C) float32, probabilities at the last completed epoch
     epochs_completed : int, E (the minimum over folds)
     epochs_per_fold : (folds,) int64, epochs each fold completed before its time budget ran out
