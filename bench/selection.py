@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", type=Path, default=None,
                     help="keep the stage artifacts in DIR/<label_column> and reuse a stage whose params "
                          "(and every earlier stage's) match its last run there (default: a temporary "
-                         "folder)")
+                         "folder); input files are not hashed: use a new DIR when the data change")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     return ap.parse_args(argv)
 
