@@ -363,9 +363,10 @@ def restore_project(src: Path, root: Path) -> dict[str, Any]:
     save_npy(paths.stage("embed") / "embeddings.npy", d["projection"].astype(np.float32))
     save_npz(paths.stage("embed") / "knn.npz", sample_id=sid, indices=d["knn_indices"].astype(np.int64),
              distances=d["knn_distances"].astype(np.float32))
-    # files saved before center_distance existed lack it (and its signal): restored as NaN
-    dyn16 = {name: _unshuffle16(d[name], (E, n)) if name in d else np.full((E, n), np.nan, np.float32)
-             for name in DYN_FLOAT16}
+    # files saved before center_distance existed lack it (and its signal): restored as NaN; any other
+    # missing array is an error
+    dyn16 = {name: np.full((E, n), np.nan, np.float32) if name == "center_distance" and name not in d
+             else _unshuffle16(d[name], (E, n)) for name in DYN_FLOAT16}
     Dynamics(sample_id=sid, fold=d["fold"].astype(np.int64), p_label=np.exp(-dyn16["loss"]),
              correct=np.unpackbits(d["correct"], axis=1, count=n).astype(bool),
              probs=d["probs"], epochs_completed=E, epochs_per_fold=d["epochs_per_fold"],

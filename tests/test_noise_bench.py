@@ -187,6 +187,9 @@ def test_files_saved_before_center_distance_restore_it_as_nan(tmp_path: Path):
     db = Dynamics.load(tmp_path / "dst" / "artifacts" / "perceive" / "dynamics.npz")
     assert db.center_distance.shape == (3, 200) and np.isnan(db.center_distance).all()
     assert np.isfinite(db.loss).all()
+    np.savez_compressed(tmp_path / "broken_s0.npz", **{k: v for k, v in old.items() if k != "loss"})
+    with pytest.raises(KeyError, match="loss"):  # only center_distance may be missing
+        noise.restore_project(tmp_path / "broken_s0.npz", tmp_path / "dst2")
 
 
 def test_file_stays_under_15_mb_at_50k_rows(tmp_path: Path):
