@@ -1,4 +1,5 @@
-"""Diversity of a set of embeddings: the Vendi score (Friedman & Dieng 2023)."""
+"""Geometry of a set of embeddings: diversity (the Vendi score, Friedman & Dieng 2023) and the distance
+to the class centre (paper 002 §3)."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,3 +31,29 @@ def vendi_score(x: np.ndarray) -> float:
     lam = np.clip(np.linalg.eigvalsh(gram / n), 0.0, None)
     lam = lam[lam > 1e-12]
     return float(np.exp(-(lam * np.log(lam)).sum()))
+
+
+def class_centre_distance(embeddings: np.ndarray, labels: np.ndarray,
+                          block: int = 16384) -> np.ndarray:
+    """Euclidean distance of each embedding to the mean embedding of its class.
+
+    Parameters
+    ----------
+    embeddings : (n, d) float
+    labels : (n,) int
+
+    Returns
+    -------
+    (n,) float64
+    """
+    z = np.asarray(embeddings, dtype=np.float32)
+    classes, inv = np.unique(labels, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    starts = np.searchsorted(inv[order], np.arange(classes.size))
+    centres = np.add.reduceat(z[order], starts, axis=0, dtype=np.float64)
+    centres = (centres / np.bincount(inv)[:, None]).astype(np.float32)
+    out = np.empty(len(z), dtype=np.float64)
+    for s in range(0, len(z), block):  # blocks of rows bound the (block, d) temporary
+        diff = z[s:s + block] - centres[inv[s:s + block]]
+        out[s:s + block] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    return out

@@ -17,6 +17,7 @@ import numpy as np
 
 from dataopt.embed.base import describe_ids
 from dataopt.errors import DataError
+from dataopt.perceive.diversity import class_centre_distance
 from dataopt.perceive.dynamics import Dynamics
 from dataopt.perceive.valuation import diva_loo_gradient, knn_shapley_values
 from dataopt.registry import SIGNALS
@@ -268,14 +269,7 @@ class ClassCenterDistance(Signal):
     description = "Euclidean distance of the embedding to the mean embedding of its given class (train rows)"
 
     def compute(self, inputs: SignalInputs) -> np.ndarray:
-        z = inputs.embeddings.astype(np.float64)
-        y = inputs.labels
-        n_classes = int(y.max()) + 1
-        # class sums as one (C, n) @ (n, d) product (np.add.at is ~100x slower on 50k x 512)
-        onehot = np.zeros((n_classes, len(y)))
-        onehot[y, np.arange(len(y))] = 1.0
-        centers = (onehot @ z) / np.maximum(np.bincount(y, minlength=n_classes), 1)[:, None]
-        return np.linalg.norm(z - centers[y], axis=1)
+        return class_centre_distance(inputs.embeddings, inputs.labels)
 
 
 @SIGNALS.register("oof_center_distance")

@@ -10,6 +10,7 @@ import pandas as pd
 from dataopt.errors import ConfigError
 from dataopt.optimize.prune.base import (Budget, finish, fmt, groups, harder_is_higher, join,
                                          signal_column, top_m)
+from dataopt.perceive.diversity import class_centre_distance
 from dataopt.registry import SELECTORS
 
 
@@ -67,32 +68,6 @@ class RandomSubset:
         why = f"uniform draw (seed {self.random_state})"
         finish(self, b, chosen, None, why, why, {"per_class": bool(self.per_class)})
         return self
-
-
-def class_centre_distance(embeddings: np.ndarray, labels: np.ndarray,
-                          block: int = 16384) -> np.ndarray:
-    """Euclidean distance of each embedding to the mean embedding of its class.
-
-    Parameters
-    ----------
-    embeddings : (n, d) float
-    labels : (n,) int
-
-    Returns
-    -------
-    (n,) float64
-    """
-    z = np.asarray(embeddings, dtype=np.float32)
-    classes, inv = np.unique(labels, return_inverse=True)
-    order = np.argsort(inv, kind="stable")
-    starts = np.searchsorted(inv[order], np.arange(classes.size))
-    centres = np.add.reduceat(z[order], starts, axis=0, dtype=np.float64)
-    centres = (centres / np.bincount(inv)[:, None]).astype(np.float32)
-    out = np.empty(len(z), dtype=np.float64)
-    for s in range(0, len(z), block):  # blocks of rows bound the (block, d) temporary
-        diff = z[s:s + block] - centres[inv[s:s + block]]
-        out[s:s + block] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-    return out
 
 
 def band(s: np.ndarray, m: int, group: np.ndarray, mode: str,
