@@ -16,8 +16,10 @@ Parts (``--parts``):
 The density_consistency signals come from a K-fold (--proxy-folds) out-of-fold proxy run of the same
 network on the same labels: semantic consistency = out-of-fold probability of the label (no text tower
 on CIFAR here), and kNN density = mean Euclidean distance to the 10 nearest neighbours of the
-L2-normalised penultimate features (faiss). The same proxy run gives the early losses of the curated
-pipeline.
+L2-normalised penultimate features (faiss). The same proxy run gives the early losses and probabilities
+of the curated pipeline, unless ``--proxy-dynamics`` names a saved out-of-fold run (``bench/noise.py
+--save-dynamics``, e.g. the H100 airbench run in bench/dynamics): then the analysis reads that run's
+probabilities and losses for the same rows, and only the trained models are this run's.
 
 Examples
 --------
@@ -26,6 +28,8 @@ Examples
   python bench/dynamic.py --device cpu --width 16 --n 10000 --epochs 8 --proxy-epochs 8 \
       --batch-size 256 --lr 0.8 --parts dynamic curated           # CPU: a short airbench run (~1.5 h)
   python bench/dynamic.py --parts timing --seeds 3                # only the airbench timing
+  python bench/dynamic.py --device cpu --model head --parts curated --curate-detector \
+      calibrated_confidence --proxy-dynamics bench/dynamics         # curated, analysis of the H100 run
 
 Writes bench/results/dynamic_<device>.json (atomic, updated after every part) and prints tables.
 """
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import time
 from pathlib import Path
@@ -72,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--curate-detector", default="gmm", choices=["gmm", "calibrated_confidence"],
                     help="curated part: the analysis (gmm = the analyze stage's default, gated)")
     ap.add_argument("--ada-epochs", type=int, default=20, help="epochs of the adaaugment comparison")
+    ap.add_argument("--proxy-dynamics", type=Path, default=None,
+                    help="curated part: take the out-of-fold probabilities and losses from this folder's "
+                         "bench/noise.py --save-dynamics file (random_label1, seed 0; e.g. bench/dynamics, "
+                         "the H100 airbench run) instead of this run's proxy")
     # optimiser defaults per --model (RECIPES); any of these given on the command line wins
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None, help="airbench: 1.5, in mean-loss units; head: 0.05")
@@ -200,6 +209,28 @@ class Bench:
         return {"loss": loss, "probs": probs, "features": feats, "fold": fold}
 
 
+def saved_proxy(directory: Path, label_column: str, y: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
+    """:meth:`Bench.proxy`'s outputs (no features) for the first ``len(y)`` training rows, read from a
+    ``bench/noise.py --save-dynamics`` file (all 50,000 rows, train.parquet order), and its meta."""
+    from common import dynamics_file
+    from noise import _unshuffle16
+
+    path = dynamics_file(directory, label_column, 0)
+    if not path.exists():
+        raise SystemExit(f"--proxy-dynamics: {path} not found (write it with bench/noise.py --save-dynamics)")
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        n = len(y)
+        if int(meta["n"]) < n or not np.array_equal(z["label"][:n], y):
+            raise SystemExit(f"--proxy-dynamics: {path} does not hold these {n} rows' {label_column} labels")
+        loss = _unshuffle16(z["loss"], (len(meta["dynamics_epochs"]), int(meta["n"])))[:, :n]
+        proxy = {"loss": np.ascontiguousarray(loss), "probs": z["probs"][:n].astype(np.float32),
+                 "features": None, "fold": z["fold"][:n].astype(np.int64)}
+    about = {"file": str(path), "network": meta.get("network"), "device": meta.get("gpu") or meta.get("device"),
+             "perceive": meta.get("perceive"), "dynamics_epochs": meta["dynamics_epochs"]}
+    return proxy, about
+
+
 def density_consistency_signals(proxy: dict[str, np.ndarray], y: np.ndarray, k: int = 10):
     """The two columns density_consistency reads, computed as the perceive stage does."""
     import pandas as pd
@@ -296,9 +327,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if "curated" in args.parts and "random_label1" in bench.labels:
         y = bench.labels["random_label1"]
-        proxy = proxies.get("random_label1") or bench.proxy(y)
+        if args.proxy_dynamics is not None:
+            proxy, about = saved_proxy(args.proxy_dynamics, "random_label1", y)
+            res["curated_proxy"] = about
+            print(f"curated: analysis on {about['file']} ({about['network']} on {about['device']})", flush=True)
+        else:
+            proxy = proxies.get("random_label1") or bench.proxy(y)
+            res["curated_proxy"] = "this run's out-of-fold proxy"
         p_clean, info = p_clean_gated(proxy, y, args.early_epochs, args.curate_detector)
         info["detector"] = args.curate_detector
+        info["proxy_oof_accuracy"] = float((proxy["probs"].argmax(1) == y).mean())
         truth_noisy = y != bench.labels["clean"]
         keep = np.flatnonzero(p_clean >= 0.5)
         flagged = p_clean < 0.5

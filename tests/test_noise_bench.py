@@ -192,6 +192,28 @@ def test_files_saved_before_center_distance_restore_it_as_nan(tmp_path: Path):
         noise.restore_project(tmp_path / "broken_s0.npz", tmp_path / "dst2")
 
 
+def test_dynamic_bench_reads_a_saved_proxy_for_the_first_rows(tmp_path: Path):
+    pytest.importorskip("torch")
+    dynamic = pytest.importorskip("dynamic")
+    src = _perceived_project(tmp_path / "src", n=300, epochs=4)
+    noise.save_dynamics(src.root, tmp_path / "random_label1_s0.npz", {"label_column": "random_label1",
+                                                                       "seed": 0, "network": "airbench"})
+    labels = pq.read_table(src.artifacts / "ingest" / "samples.parquet").column("label").to_numpy()
+    d = Dynamics.load(src.artifacts / "perceive" / "dynamics.npz")
+    proxy, about = dynamic.saved_proxy(tmp_path, "random_label1", labels[:120])
+    np.testing.assert_array_equal(proxy["probs"], d.probs[:120])
+    np.testing.assert_array_equal(proxy["fold"], d.fold[:120])
+    assert proxy["loss"].shape == (4, 120) and proxy["features"] is None
+    np.testing.assert_allclose(proxy["loss"], d.loss[:, :120], rtol=2e-3, atol=1e-4)  # float16
+    assert about["network"] == "airbench" and about["dynamics_epochs"] == [1, 2, 3, 4]
+    other = labels[:120].copy()
+    other[7] = (other[7] + 1) % 10
+    with pytest.raises(SystemExit, match="does not hold these 120 rows' random_label1 labels"):
+        dynamic.saved_proxy(tmp_path, "random_label1", other)
+    with pytest.raises(SystemExit, match="aggre_label_s0.npz not found"):
+        dynamic.saved_proxy(tmp_path, "aggre_label", labels[:120])
+
+
 def test_file_stays_under_15_mb_at_50k_rows(tmp_path: Path):
     """n = 50,000, C = k = 10, 20 epochs of incompressible synthetic values (an upper bound for real
     runs): the per-epoch arrays are thinned to fit, keeping the early-loss window and the last epoch."""
