@@ -94,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n", type=int, default=0, help="first N training rows (0 = all 50,000)")
     ap.add_argument("--pca-dim", type=int, default=256, help="head model: pixel-PCA dimension")
     args = ap.parse_args(argv)
+    if args.proxy_dynamics is not None and "curated" not in args.parts:
+        ap.error("--proxy-dynamics feeds the curated part only: add 'curated' to --parts")
     for key, value in RECIPES[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -192,7 +192,7 @@ def test_files_saved_before_center_distance_restore_it_as_nan(tmp_path: Path):
         noise.restore_project(tmp_path / "broken_s0.npz", tmp_path / "dst2")
 
 
-def test_dynamic_bench_reads_a_saved_proxy_for_the_first_rows(tmp_path: Path):
+def test_dynamic_bench_reads_a_saved_proxy_for_the_first_rows(tmp_path: Path, capsys):
     pytest.importorskip("torch")
     dynamic = pytest.importorskip("dynamic")
     src = _perceived_project(tmp_path / "src", n=300, epochs=4)
@@ -212,6 +212,10 @@ def test_dynamic_bench_reads_a_saved_proxy_for_the_first_rows(tmp_path: Path):
         dynamic.saved_proxy(tmp_path, "random_label1", other)
     with pytest.raises(SystemExit, match="aggre_label_s0.npz not found"):
         dynamic.saved_proxy(tmp_path, "aggre_label", labels[:120])
+    dynamic.parse_args(["--parts", "curated", "--proxy-dynamics", str(tmp_path)])
+    with pytest.raises(SystemExit):  # argparse's error: the option would be silently unused
+        dynamic.parse_args(["--parts", "dynamic", "--proxy-dynamics", str(tmp_path)])
+    assert "--proxy-dynamics feeds the curated part only" in capsys.readouterr().err
 
 
 def test_file_stays_under_15_mb_at_50k_rows(tmp_path: Path):
