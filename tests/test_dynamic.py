@@ -99,6 +99,19 @@ def test_density_consistency_prefers_sparse_consistent_samples():
     assert (counts[3.0] == 0).sum() > (counts[1.0] == 0).sum()
 
 
+def test_density_consistency_delta_anneals_on_all_data_at_the_same_budget():
+    sel = build("density_consistency", 0.5, delta=0.25).fit(N, EPOCHS, signals())
+    assert sel.epoch_sizes_[-2:] == [N, N] and max(sel.epoch_sizes_[:-2]) < N
+    assert sum(sel.epoch_sizes_) == round(0.5 * N * EPOCHS)
+    gen = torch.Generator().manual_seed(0)
+    chosen, w = sel.select(EPOCHS, torch.zeros(N), gen)
+    assert torch.equal(chosen, torch.arange(N)) and w is None
+    early, _ = sel.select(1, torch.zeros(N), gen)
+    assert len(early) == sel.epoch_sizes_[0]
+    # the default keeps the paper's form: no epoch on all data
+    assert max(build("density_consistency", 0.5).fit(N, EPOCHS, signals()).epoch_sizes_) < N
+
+
 def test_selectors_are_reproducible_for_a_generator_seed():
     s = signals()
     for name in ("random", "infobatch", "density_consistency"):
@@ -114,6 +127,8 @@ def test_bad_configurations_are_named():
         build("infobatch", delta=1.0).fit(N, 4)
     with pytest.raises(ConfigError, match="sharpness"):
         build("density_consistency", sharpness=0).fit(N, 4, signals())
+    with pytest.raises(ConfigError, match="density_consistency: delta"):
+        build("density_consistency", delta=-0.1).fit(N, 4, signals())
     with pytest.raises(DataError, match="perceive"):
         build("density_consistency").fit(N, 4, None)
     with pytest.raises(DataError, match="semantic_consistency"):

@@ -27,6 +27,17 @@ def even_sizes(n: int, epochs: int, total: int) -> list[int]:
     return [base + (1 if e < extra else 0) for e in range(epochs)]
 
 
+def annealed_sizes(n: int, epochs: int, total: int, delta: float) -> list[int]:
+    """InfoBatch's annealing at a fixed budget: the last ``ceil(delta * epochs)`` epochs take all ``n``
+    samples and the others share the rest of ``total`` evenly (fewer full epochs when the budget cannot
+    pay for them and one sample per other epoch; never all of them)."""
+    anneal = math.ceil(delta * epochs) if delta else 0
+    while anneal and total - anneal * n < epochs - anneal:
+        anneal -= 1
+    anneal = min(anneal, epochs - 1)
+    return even_sizes(n, epochs - anneal, total - anneal * n) + [n] * anneal
+
+
 def _rank01(v: np.ndarray) -> np.ndarray:
     """Ranks scaled to (0, 1] (ties: average rank), as the static density_consistency selector."""
     return pd.Series(v).rank(method="average").to_numpy(np.float64) / max(v.size, 1)
@@ -121,13 +132,7 @@ class InfoBatch(_Dynamic):
             raise ConfigError(f"infobatch: delta must be in [0, 1), got {self.delta}")
         if not 0 < self.prune_ratio < 1:
             raise ConfigError(f"infobatch: prune_ratio must be in (0, 1), got {self.prune_ratio}")
-        total = self._total(n, epochs)
-        anneal = math.ceil(self.delta * epochs) if self.delta else 0
-        # fewer full epochs when the budget cannot pay for them and one sample per other epoch
-        while anneal and total - anneal * n < epochs - anneal:
-            anneal -= 1
-        anneal = min(anneal, epochs - 1)
-        return even_sizes(n, epochs - anneal, total - anneal * n) + [n] * anneal
+        return annealed_sizes(n, epochs, self._total(n, epochs), self.delta)
 
     def select(self, epoch: int, last_loss: torch.Tensor, gen: torch.Generator):
         n, k = self.n_, self.epoch_sizes_[epoch - 1]
@@ -164,17 +169,30 @@ class DensityConsistencyDynamic(_Dynamic):
     (0, 1]; ``sharpness`` raises ``p_sel`` to a power (1 = the paper's proportional draw). The draw is
     Gumbel top-k, an exact vectorised sampler without replacement.
 
+    ``delta`` > 0 (our option, not in the paper's card; default 0) gives the last ``delta`` of the
+    epochs all data, as InfoBatch's annealing, at the same total budget: in a short schedule the
+    low-learning-rate end on the full set is worth more than the samples it takes from earlier epochs,
+    and with it the two methods differ only in the selection rule.
+
     Parameters
     ----------
     budget : fraction of full-data sample-steps, in (0, 1]
     sharpness : float > 0
+    delta : share of the last epochs trained on all data, in [0, 1)
     """
 
     requires = ("signals",)
 
-    def __init__(self, budget: float = 0.5, random_state: Optional[int] = 0, sharpness: float = 1.0):
+    def __init__(self, budget: float = 0.5, random_state: Optional[int] = 0, sharpness: float = 1.0,
+                 delta: float = 0.0):
         super().__init__(budget, random_state)
         self.sharpness = sharpness
+        self.delta = delta
+
+    def _sizes(self, n: int, epochs: int) -> list[int]:
+        if not 0 <= self.delta < 1:
+            raise ConfigError(f"density_consistency: delta must be in [0, 1), got {self.delta}")
+        return annealed_sizes(n, epochs, self._total(n, epochs), self.delta)
 
     def fit(self, n: int, epochs: int, signals: Optional[pd.DataFrame] = None) -> "DensityConsistencyDynamic":
         """``signals`` (n rows, the trained samples in order) with ``knn_density`` and
@@ -198,6 +216,9 @@ class DensityConsistencyDynamic(_Dynamic):
 
     def select(self, epoch: int, last_loss: torch.Tensor, gen: torch.Generator):
         k = self.epoch_sizes_[epoch - 1]
+        if k >= self.n_:
+            self.stats_ = {"selected": self.n_}
+            return torch.arange(self.n_), None
         u = torch.rand(self.n_, generator=gen, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
         key = self.log_p_ - torch.log(-torch.log(u))
         self.stats_ = {"selected": k}
