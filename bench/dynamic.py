@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--proxy-folds", type=int, default=4, help="folds of the out-of-fold proxy run")
     ap.add_argument("--dc-sharpness", nargs="+", type=float, default=[1.0],
                     help="density_consistency sharpness values to run (1 = the paper's proportional draw)")
+    ap.add_argument("--dc-normalise", nargs="+", default=["rank"], choices=["rank", "value"],
+                    help="density_consistency normalise values to run (rank: ranks; value: p ∝ the values)")
     ap.add_argument("--dc-delta", nargs="+", type=float, default=[0.0],
                     help="density_consistency delta values to run: the share of the last epochs on all data "
                          "(0 = the paper's form; 0.125 = InfoBatch's annealing)")
@@ -315,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             variants = [(m, {}) for m in args.methods if m != "density_consistency"]
             if "density_consistency" in args.methods:
                 variants += [("density_consistency", {**({} if sh == 1.0 else {"sharpness": sh}),
-                                                      **({"delta": d} if d else {})})
-                             for d in args.dc_delta for sh in args.dc_sharpness]
+                                                      **({"delta": d} if d else {}),
+                                                      **({} if nm == "rank" else {"normalise": nm})})
+                             for nm in args.dc_normalise for d in args.dc_delta for sh in args.dc_sharpness]
             for budget in args.budgets:
                 for method, kwargs in variants:
                     runs = []

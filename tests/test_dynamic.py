@@ -112,6 +112,24 @@ def test_density_consistency_delta_anneals_on_all_data_at_the_same_budget():
     assert max(build("density_consistency", 0.5).fit(N, EPOCHS, signals()).epoch_sizes_) < N
 
 
+def test_density_consistency_value_normalisation_draws_proportionally_to_the_values():
+    s = pd.DataFrame({"knn_density": np.full(N, 0.5), "semantic_consistency": np.full(N, 0.9)})
+    s.loc[:9, "knn_density"] = 1.0      # twice as sparse: twice as likely
+    s.loc[10:19, "semantic_consistency"] = -0.2  # a negative cosine: floored, never drawn in practice
+    sel = build("density_consistency", 0.1, normalise="value").fit(N, 400, s)
+    p = torch.softmax(sel.log_p_, 0).numpy()
+    assert p[0] / p[100] == pytest.approx(2.0) and p[10] / p[100] == pytest.approx(1e-6)
+    gen = torch.Generator().manual_seed(0)
+    c = np.zeros(N)
+    for e in range(1, 401):
+        np.add.at(c, sel.select(e, torch.zeros(N), gen)[0].numpy(), 1)
+    assert c[:10].mean() > 1.5 * c[20:].mean() and c[10:20].sum() == 0
+    # flatter than the rank form on the same signals: almost every sample is drawn at some point
+    rank = build("density_consistency", 0.1).fit(N, 400, signals())
+    value = build("density_consistency", 0.1, normalise="value").fit(N, 400, signals())
+    assert float(value.log_p_.max() - value.log_p_.median()) < float(rank.log_p_.max() - rank.log_p_.median())
+
+
 def test_selectors_are_reproducible_for_a_generator_seed():
     s = signals()
     for name in ("random", "infobatch", "density_consistency"):
@@ -127,6 +145,10 @@ def test_bad_configurations_are_named():
         build("infobatch", delta=1.0).fit(N, 4)
     with pytest.raises(ConfigError, match="sharpness"):
         build("density_consistency", sharpness=0).fit(N, 4, signals())
+    with pytest.raises(ConfigError, match="normalise"):
+        build("density_consistency", normalise="softmax").fit(N, 4, signals())
+    with pytest.raises(DataError, match="positive knn_density"):
+        build("density_consistency", normalise="value").fit(N, 4, signals() * 0)
     with pytest.raises(ConfigError, match="density_consistency: delta"):
         build("density_consistency", delta=-0.1).fit(N, 4, signals())
     with pytest.raises(DataError, match="perceive"):

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 import dataopt.optimize  # noqa: F401
-from dataopt.errors import ConfigError
+from dataopt.errors import ConfigError, DataError
 from dataopt.optimize.prune import herding_order, kcenter_order, quotas
 from dataopt.registry import SELECTORS
 
@@ -208,6 +208,21 @@ def test_semantic_selectors_drop_inconsistent_samples(name):
         assert sel.summary_["alignment"].startswith("oof_probability")
     other = fit(name, inputs, ratio=0.3, random_state=1).keep_
     assert name == "clip_selection" or not np.array_equal(other, sel.keep_)
+
+
+def test_density_consistency_value_normalisation_is_the_flatter_proportional_draw():
+    inputs, bad = blobs(1000, noise=0.2, seed=2)
+    kept_bad = {nm: (lambda k: (k & bad).sum() / k.sum())(fit("density_consistency", inputs, ratio=0.3,
+                                                                normalise=nm).keep_)
+                for nm in ("rank", "value")}
+    # consistency 0.1-0.15 (mislabeled) vs 0.3-0.35: p ∝ value keeps them 2-3x less often than their
+    # share, ranks (bottom fifth) far less often
+    assert kept_bad["rank"] < kept_bad["value"] < 0.7 * bad.mean()
+    with pytest.raises(ConfigError, match="'rank', 'value' or 'softmax'"):
+        fit("density_consistency", inputs, ratio=0.3, normalise="bogus")
+    zero = {**inputs, "signals": inputs["signals"].assign(knn_density=0.0)}
+    with pytest.raises(DataError, match="positive knn_density"):
+        fit("density_consistency", zero, ratio=0.3, normalise="value")
 
 
 def test_moderate_on_kept_rows_and_ratio_of_the_original_set():

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from dataopt.errors import ConfigError, DataError
+from dataopt.optimize.prune.semantic import rank01, value01
 from dataopt.registry import DYNAMIC_SELECTORS
 
 
@@ -36,11 +37,6 @@ def annealed_sizes(n: int, epochs: int, total: int, delta: float) -> list[int]:
         anneal -= 1
     anneal = min(anneal, epochs - 1)
     return even_sizes(n, epochs - anneal, total - anneal * n) + [n] * anneal
-
-
-def _rank01(v: np.ndarray) -> np.ndarray:
-    """Ranks scaled to (0, 1] (ties: average rank), as the static density_consistency selector."""
-    return pd.Series(v).rank(method="average").to_numpy(np.float64) / max(v.size, 1)
 
 
 class _Dynamic:
@@ -166,8 +162,10 @@ class DensityConsistencyDynamic(_Dynamic):
     (``semantic_consistency``: text-embedding cosine, or the out-of-fold probability of the label when
     the embedder has no text tower) - and the selected samples are the ones augmented (the trainer's
     augmentation applies to what an epoch trains on). ``p_rho`` and ``p_con`` are rank-normalised to
-    (0, 1]; ``sharpness`` raises ``p_sel`` to a power (1 = the paper's proportional draw). The draw is
-    Gumbel top-k, an exact vectorised sampler without replacement.
+    (0, 1] by default; ``normalise="value"`` takes the formula literally, ``p_rho ∝ rho`` and
+    ``p_con ∝ con`` (each over its maximum), a much flatter draw when the values are concentrated, as
+    kNN distances and CLIP cosines are. ``sharpness`` raises ``p_sel`` to a power (1 = the paper's
+    proportional draw). The draw is Gumbel top-k, an exact vectorised sampler without replacement.
 
     ``delta`` > 0 (our option, not in the paper's card; default 0) gives the last ``delta`` of the
     epochs all data, as InfoBatch's annealing, at the same total budget: in a short schedule the
@@ -179,15 +177,17 @@ class DensityConsistencyDynamic(_Dynamic):
     budget : fraction of full-data sample-steps, in (0, 1]
     sharpness : float > 0
     delta : share of the last epochs trained on all data, in [0, 1)
+    normalise : "rank" | "value"
     """
 
     requires = ("signals",)
 
     def __init__(self, budget: float = 0.5, random_state: Optional[int] = 0, sharpness: float = 1.0,
-                 delta: float = 0.0):
+                 delta: float = 0.0, normalise: str = "rank"):
         super().__init__(budget, random_state)
         self.sharpness = sharpness
         self.delta = delta
+        self.normalise = normalise
 
     def _sizes(self, n: int, epochs: int) -> list[int]:
         if not 0 <= self.delta < 1:
@@ -199,6 +199,9 @@ class DensityConsistencyDynamic(_Dynamic):
         ``semantic_consistency`` columns -> ``log_p_`` (n,) and ``epoch_sizes_``."""
         if not self.sharpness > 0:
             raise ConfigError(f"density_consistency: sharpness must be > 0, got {self.sharpness}")
+        if self.normalise not in ("rank", "value"):
+            raise ConfigError(f"density_consistency: normalise must be 'rank' or 'value', "
+                              f"got {self.normalise!r}")
         if signals is None:
             raise DataError("density_consistency needs perceive/signals.parquet (run the perceive stage)")
         missing = [c for c in ("knn_density", "semantic_consistency") if c not in signals]
@@ -211,7 +214,11 @@ class DensityConsistencyDynamic(_Dynamic):
         con = signals["semantic_consistency"].to_numpy(np.float64)
         if not (np.isfinite(rho).all() and np.isfinite(con).all()):
             raise DataError("knn_density / semantic_consistency contain NaN or inf")
-        self.log_p_ = torch.from_numpy(self.sharpness * (np.log(_rank01(rho)) + np.log(_rank01(con))))
+        if self.normalise == "rank":
+            p_rho, p_con = rank01(rho), rank01(con)
+        else:
+            p_rho, p_con = value01(rho, "knn_density"), value01(con, "semantic_consistency")
+        self.log_p_ = torch.from_numpy(self.sharpness * (np.log(p_rho) + np.log(p_con)))
         return super().fit(n, epochs, signals)
 
     def select(self, epoch: int, last_loss: torch.Tensor, gen: torch.Generator):

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from dataopt.errors import ConfigError
+from dataopt.errors import ConfigError, DataError
 from dataopt.optimize.prune.base import (Budget, finish, fmt, groups, join, signal_column,
                                          top_m)
 from dataopt.registry import SELECTORS
@@ -26,6 +26,15 @@ from dataopt.registry import SELECTORS
 def rank01(v: np.ndarray) -> np.ndarray:
     """Rank-normalise ``v`` (a,) to ``(rank + 1) / a`` in (0, 1] (ties: average rank)."""
     return (pd.Series(v).rank(method="average").to_numpy() / max(v.size, 1)).astype(np.float64)
+
+
+def value01(v: np.ndarray, name: str) -> np.ndarray:
+    """``v`` (a,) over its maximum, floored at 1e-6: ``p ∝ v``, the density x consistency formula taken
+    literally (a negative cosine is as unlikely as the floor). A non-positive maximum is a DataError."""
+    top = float(v.max()) if v.size else 0.0
+    if not top > 0:
+        raise DataError(f"density_consistency: normalise='value' needs a positive {name}, max is {top:.4g}")
+    return np.clip(v / top, 1e-6, 1.0)
 
 
 def _alignment_source(text_embeddings) -> str:
@@ -140,6 +149,8 @@ class DensityConsistency:
     ``log p_sel + Gumbel``, an exact vectorised sampler, seeded).
 
     ``normalise="rank"`` (default): ``p_rho``, ``p_con`` are the ranks / a, in (0, 1];
+    ``normalise="value"``: proportional to the values themselves (the formula taken literally; much
+    flatter, as kNN distances and cosines are concentrated);
     ``normalise="softmax"``: ``softmax(z / temperature)`` of the z-scored values. ``sharpness``
     raises ``p_sel`` to a power (1 = the paper's proportional draw; larger = closer to a
     deterministic top-m).
@@ -147,7 +158,7 @@ class DensityConsistency:
     Parameters
     ----------
     ratio, n_keep, per_class, random_state : see ``random``.
-    normalise : "rank" | "softmax"
+    normalise : "rank" | "value" | "softmax"
     temperature : float > 0
         Softmax temperature (``normalise="softmax"``).
     sharpness : float > 0
@@ -166,9 +177,11 @@ class DensityConsistency:
         self.temperature = temperature
         self.sharpness = sharpness
 
-    def _norm(self, v: np.ndarray) -> np.ndarray:
+    def _norm(self, v: np.ndarray, name: str) -> np.ndarray:
         if self.normalise == "rank":
             return rank01(v)
+        if self.normalise == "value":
+            return value01(v, name)
         z = (v - v.mean()) / max(v.std(), 1e-12) / self.temperature
         e = np.exp(z - z.max())
         return e / e.sum()
@@ -177,8 +190,8 @@ class DensityConsistency:
             text_embeddings: Optional[np.ndarray] = None,
             keep: Optional[np.ndarray] = None) -> "DensityConsistency":
         """``labels`` (n,), ``signals`` (semantic_consistency, knn_density) -> ``keep_`` (n,)."""
-        if self.normalise not in ("rank", "softmax"):
-            raise ConfigError(f"density_consistency: normalise must be 'rank' or 'softmax', "
+        if self.normalise not in ("rank", "value", "softmax"):
+            raise ConfigError(f"density_consistency: normalise must be 'rank', 'value' or 'softmax', "
                               f"got {self.normalise!r}")
         if not (self.temperature > 0 and self.sharpness > 0):
             raise ConfigError("density_consistency: temperature and sharpness must be > 0")
@@ -186,7 +199,7 @@ class DensityConsistency:
         b = Budget(labels.size, keep, self.ratio, self.n_keep)
         con = signal_column(signals, "semantic_consistency", "density_consistency")[b.rows]
         rho = signal_column(signals, "knn_density", "density_consistency")[b.rows]
-        p_rho, p_con = self._norm(rho), self._norm(con)
+        p_rho, p_con = self._norm(rho, "knn_density"), self._norm(con, "semantic_consistency")
         logp = self.sharpness * (np.log(p_rho) + np.log(p_con))
         p = np.exp(logp - logp.max())
         p /= p.sum()
