@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dc-delta", nargs="+", type=float, default=[0.0],
                     help="density_consistency delta values to run: the share of the last epochs on all data "
                          "(0 = the paper's form; 0.125 = InfoBatch's annealing)")
+    ap.add_argument("--dc-variants", nargs="+", type=dc_variant, default=None, metavar="NORMALISE:SHARPNESS:DELTA",
+                    help="density_consistency variants to run instead of every combination of the three "
+                         "lists above, e.g. rank:1:0 value:1:0.125")
     ap.add_argument("--early-epochs", type=int, default=3, help="epochs averaged into the early loss")
     ap.add_argument("--curate-detector", default="gmm", choices=["gmm", "calibrated_confidence"],
                     help="curated part: the analysis (gmm = the analyze stage's default, gated)")
@@ -238,6 +241,18 @@ def saved_proxy(directory: Path, label_column: str, y: np.ndarray) -> tuple[dict
     return proxy, about
 
 
+def dc_variant(text: str) -> tuple[str, float, float]:
+    """``NORMALISE:SHARPNESS:DELTA`` (e.g. ``value:1:0.125``) -> ("value", 1.0, 0.125)."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 3 or parts[0] not in ("rank", "value"):
+            raise ValueError
+        return parts[0], float(parts[1]), float(parts[2])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NORMALISE:SHARPNESS:DELTA with NORMALISE rank or "
+                                         "value, e.g. value:1:0.125") from None
+
+
 def density_consistency_signals(proxy: dict[str, np.ndarray], y: np.ndarray, k: int = 10):
     """The two columns density_consistency reads, computed as the perceive stage does."""
     import pandas as pd
@@ -316,10 +331,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{lab}] full: {entry['full']['accuracy_mean']:.2f}", flush=True)
             variants = [(m, {}) for m in args.methods if m != "density_consistency"]
             if "density_consistency" in args.methods:
+                combos = args.dc_variants or [(nm, sh, d) for nm in args.dc_normalise for d in args.dc_delta
+                                              for sh in args.dc_sharpness]
                 variants += [("density_consistency", {**({} if sh == 1.0 else {"sharpness": sh}),
                                                       **({"delta": d} if d else {}),
                                                       **({} if nm == "rank" else {"normalise": nm})})
-                             for nm in args.dc_normalise for d in args.dc_delta for sh in args.dc_sharpness]
+                             for nm, sh, d in combos]
             for budget in args.budgets:
                 for method, kwargs in variants:
                     runs = []

@@ -256,3 +256,15 @@ def test_skip_analysis_only_saves(tmp_path: Path):
     assert (tmp_path / "dyn" / "aggre_label_s0.npz").exists() and not (tmp_path / "out").exists()
     with pytest.raises(SystemExit, match="no random_label1_s<seed>.npz in"):
         noise.main(["--from-dynamics", str(tmp_path / "dyn"), "--label-columns", "random_label1"])
+
+
+def test_dynamic_bench_parses_density_consistency_variants(capsys):
+    pytest.importorskip("torch")
+    dynamic = pytest.importorskip("dynamic")
+    args = dynamic.parse_args(["--dc-variants", "rank:1:0", "value:0.5:0.125"])
+    assert args.dc_variants == [("rank", 1.0, 0.0), ("value", 0.5, 0.125)]
+    assert dynamic.parse_args([]).dc_variants is None  # the product of the three lists then
+    for bad in ("rank:1", "softmax:1:0", "value:x:0"):
+        with pytest.raises(SystemExit):
+            dynamic.parse_args(["--dc-variants", bad])
+        assert "NORMALISE:SHARPNESS:DELTA" in capsys.readouterr().err
