@@ -168,9 +168,9 @@ class DensityConsistencyDynamic(_Dynamic):
     proportional draw). The draw is Gumbel top-k, an exact vectorised sampler without replacement.
 
     ``delta`` > 0 (our option, not in the paper's card; default 0) gives the last ``delta`` of the
-    epochs all data, as InfoBatch's annealing, at the same total budget: in a short schedule the
-    low-learning-rate end on the full set is worth more than the samples it takes from earlier epochs,
-    and with it the two methods differ only in the selection rule.
+    epochs all data, as InfoBatch's annealing, at the same total budget, so that the two methods differ
+    only in the selection rule. Measured on CIFAR-10 (README): it helps at a 30 % budget on clean labels,
+    elsewhere its effect changes sign.
 
     Parameters
     ----------
