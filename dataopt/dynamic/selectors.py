@@ -28,10 +28,13 @@ def even_sizes(n: int, epochs: int, total: int) -> list[int]:
     return [base + (1 if e < extra else 0) for e in range(epochs)]
 
 
-def annealed_sizes(n: int, epochs: int, total: int, delta: float) -> list[int]:
+def annealed_sizes(n: int, epochs: int, total: int, delta: float, method: str) -> list[int]:
     """InfoBatch's annealing at a fixed budget: the last ``ceil(delta * epochs)`` epochs take all ``n``
     samples and the others share the rest of ``total`` evenly (fewer full epochs when the budget cannot
-    pay for them and one sample per other epoch; never all of them)."""
+    pay for them and one sample per other epoch; never all of them). ``delta`` outside [0, 1) is a
+    ConfigError naming ``method``."""
+    if not 0 <= delta < 1:
+        raise ConfigError(f"{method}: delta must be in [0, 1), got {delta}")
     anneal = math.ceil(delta * epochs) if delta else 0
     while anneal and total - anneal * n < epochs - anneal:
         anneal -= 1
@@ -124,11 +127,9 @@ class InfoBatch(_Dynamic):
         self.prune_ratio = prune_ratio
 
     def _sizes(self, n: int, epochs: int) -> list[int]:
-        if not 0 <= self.delta < 1:
-            raise ConfigError(f"infobatch: delta must be in [0, 1), got {self.delta}")
         if not 0 < self.prune_ratio < 1:
             raise ConfigError(f"infobatch: prune_ratio must be in (0, 1), got {self.prune_ratio}")
-        return annealed_sizes(n, epochs, self._total(n, epochs), self.delta)
+        return annealed_sizes(n, epochs, self._total(n, epochs), self.delta, "infobatch")
 
     def select(self, epoch: int, last_loss: torch.Tensor, gen: torch.Generator):
         n, k = self.n_, self.epoch_sizes_[epoch - 1]
@@ -190,9 +191,7 @@ class DensityConsistencyDynamic(_Dynamic):
         self.normalise = normalise
 
     def _sizes(self, n: int, epochs: int) -> list[int]:
-        if not 0 <= self.delta < 1:
-            raise ConfigError(f"density_consistency: delta must be in [0, 1), got {self.delta}")
-        return annealed_sizes(n, epochs, self._total(n, epochs), self.delta)
+        return annealed_sizes(n, epochs, self._total(n, epochs), self.delta, "density_consistency")
 
     def fit(self, n: int, epochs: int, signals: Optional[pd.DataFrame] = None) -> "DensityConsistencyDynamic":
         """``signals`` (n rows, the trained samples in order) with ``knn_density`` and
