@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from dataopt.errors import ConfigError, DataError
-from dataopt.optimize.prune.semantic import rank01, value01
+from dataopt.optimize.prune.semantic import density_consistency_p
 from dataopt.registry import DYNAMIC_SELECTORS
 
 
@@ -213,10 +213,7 @@ class DensityConsistencyDynamic(_Dynamic):
         con = signals["semantic_consistency"].to_numpy(np.float64)
         if not (np.isfinite(rho).all() and np.isfinite(con).all()):
             raise DataError("knn_density / semantic_consistency contain NaN or inf")
-        if self.normalise == "rank":
-            p_rho, p_con = rank01(rho), rank01(con)
-        else:
-            p_rho, p_con = value01(rho, "knn_density"), value01(con, "semantic_consistency")
+        p_rho, p_con = density_consistency_p(rho, con, self.normalise)
         self.log_p_ = torch.from_numpy(self.sharpness * (np.log(p_rho) + np.log(p_con)))
         return super().fit(n, epochs, signals)
 

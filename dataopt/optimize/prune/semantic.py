@@ -37,6 +37,22 @@ def value01(v: np.ndarray, name: str) -> np.ndarray:
     return np.clip(v / top, 1e-6, 1.0)
 
 
+def density_consistency_p(rho: np.ndarray, con: np.ndarray, normalise: str,
+                          temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """``p_rho``, ``p_con`` (a,) each from ``rho`` and ``con`` (a,): ``"rank"`` -> :func:`rank01`,
+    ``"value"`` -> :func:`value01`, ``"softmax"`` -> ``softmax(z / temperature)`` of the z-scores."""
+    def norm(v: np.ndarray, name: str) -> np.ndarray:
+        if normalise == "rank":
+            return rank01(v)
+        if normalise == "value":
+            return value01(v, name)
+        z = (v - v.mean()) / max(v.std(), 1e-12) / temperature
+        e = np.exp(z - z.max())
+        return e / e.sum()
+
+    return norm(rho, "knn_density"), norm(con, "semantic_consistency")
+
+
 def _alignment_source(text_embeddings) -> str:
     return ("text_cosine" if text_embeddings is not None
             else "oof_probability (no text embeddings: out-of-fold p(label))")
@@ -177,15 +193,6 @@ class DensityConsistency:
         self.temperature = temperature
         self.sharpness = sharpness
 
-    def _norm(self, v: np.ndarray, name: str) -> np.ndarray:
-        if self.normalise == "rank":
-            return rank01(v)
-        if self.normalise == "value":
-            return value01(v, name)
-        z = (v - v.mean()) / max(v.std(), 1e-12) / self.temperature
-        e = np.exp(z - z.max())
-        return e / e.sum()
-
     def fit(self, labels: np.ndarray, signals: pd.DataFrame,
             text_embeddings: Optional[np.ndarray] = None,
             keep: Optional[np.ndarray] = None) -> "DensityConsistency":
@@ -199,7 +206,7 @@ class DensityConsistency:
         b = Budget(labels.size, keep, self.ratio, self.n_keep)
         con = signal_column(signals, "semantic_consistency", "density_consistency")[b.rows]
         rho = signal_column(signals, "knn_density", "density_consistency")[b.rows]
-        p_rho, p_con = self._norm(rho, "knn_density"), self._norm(con, "semantic_consistency")
+        p_rho, p_con = density_consistency_p(rho, con, self.normalise, self.temperature)
         logp = self.sharpness * (np.log(p_rho) + np.log(p_con))
         p = np.exp(logp - logp.max())
         p /= p.sum()
