@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--proxy-folds", type=int, default=4, help="folds of the out-of-fold proxy run")
     ap.add_argument("--dc-sharpness", nargs="+", type=float, default=[1.0],
                     help="density_consistency sharpness values to run (1 = the paper's proportional draw)")
-    ap.add_argument("--dc-normalise", nargs="+", default=["rank"], choices=["rank", "value"],
+    ap.add_argument("--dc-normalise", nargs="+", default=["rank"], choices=DC_NORMALISE,
                     help="density_consistency normalise values to run (rank: ranks; value: p ∝ the values)")
     ap.add_argument("--dc-delta", nargs="+", type=float, default=[0.0],
                     help="density_consistency delta values to run: the share of the last epochs on all data "
@@ -241,11 +241,14 @@ def saved_proxy(directory: Path, label_column: str, y: np.ndarray) -> tuple[dict
     return proxy, about
 
 
+DC_NORMALISE = ("rank", "value")  # what the dynamic density_consistency accepts as normalise
+
+
 def dc_variant(text: str) -> tuple[str, float, float]:
     """``NORMALISE:SHARPNESS:DELTA`` (e.g. ``value:1:0.125``) -> ("value", 1.0, 0.125)."""
     parts = text.split(":")
     try:
-        if len(parts) != 3 or parts[0] not in ("rank", "value"):
+        if len(parts) != 3 or parts[0] not in DC_NORMALISE:
             raise ValueError
         return parts[0], float(parts[1]), float(parts[2])
     except ValueError:
