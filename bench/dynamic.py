@@ -3,7 +3,9 @@ sample-steps, AdaAugment vs fixed policies, and the curated pipeline vs plain tr
 
 Every run trains with the project's own loop (:func:`dataopt.train.loop.fit`), networks
 (``airbench`` on a GPU, or a head on frozen pixel-PCA embeddings on the CPU) and selectors
-(``DYNAMIC_SELECTORS``); test accuracy on the 10,000 CIFAR-10 test images.
+(``DYNAMIC_SELECTORS``); test accuracy on the 10,000 CIFAR-10 test images, and on two fixed
+class-stratified halves of them: ``val`` chooses among density_consistency variants (``chosen_on_val``
+in the JSON) and ``heldout`` reports the chosen one, so the choice never sees the accuracy it is judged by.
 
 Parts (``--parts``):
   timing     airbench on clean labels, full data: accuracy and training seconds (the 93.5% / 10 s target)
@@ -52,7 +54,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import argument_parser  # noqa: E402
+from common import argument_parser, stratified_subset  # noqa: E402
 from dataopt.registry import DYNAMIC_SELECTORS, load_plugins  # noqa: E402
 from dataopt.train import loop  # noqa: E402
 from dataopt.train.nets import AirbenchNet, Head  # noqa: E402
@@ -138,6 +140,10 @@ class Bench:
         xte, lte = decode(args.data / "test.parquet")
         self.labels = {"clean": ltr["label"], **{k: v for k, v in ltr.items() if k != "label"}}
         self.y_test = torch.from_numpy(lte["label"]).to(self.device)
+        val = np.zeros(len(lte["label"]), bool)
+        val[stratified_subset(lte["label"], len(val) // 2, seed=0)] = True
+        self.test_halves = {"val": torch.from_numpy(val).to(self.device),
+                            "heldout": torch.from_numpy(~val).to(self.device)}
         if args.model == "airbench":
             self.x = loop.images_to_tensor(xtr, self.device)
             self.x_test = loop.images_to_tensor(xte, self.device)
@@ -171,9 +177,11 @@ class Bench:
                 m = Head(self.x.shape[1], 10, hidden=512)
         return m.to(self.device)
 
-    def accuracy(self, model: torch.nn.Module) -> float:
-        logits = loop.predict_logits(model, self.x_test)
-        return float((logits.argmax(1) == self.y_test).double().mean())
+    def accuracy(self, model: torch.nn.Module) -> dict[str, float]:
+        """Accuracy on all test images, and on the ``val`` and ``heldout`` halves."""
+        hit = (loop.predict_logits(model, self.x_test).argmax(1) == self.y_test).double()
+        return {"accuracy": float(hit.mean()),
+                **{f"accuracy_{k}": float(hit[m].mean()) for k, m in self.test_halves.items()}}
 
     def train(self, y: np.ndarray, seed: int, epochs: int, **fit_kwargs: Any) -> dict[str, Any]:
         """One training run on all rows (``rows``/``weights`` in fit_kwargs restrict or weigh them)."""
@@ -188,7 +196,7 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        return {"accuracy": self.accuracy(model), "train_seconds": round(seconds, 3),
+        return {**self.accuracy(model), "train_seconds": round(seconds, 3),
                 "samples_seen": int(hist[-1]["samples_seen"]), "steps": int(hist[-1]["steps"]),
                 "epochs": len(hist), "history_tail": hist[-1]}
 
@@ -289,10 +297,32 @@ def p_clean_gated(proxy: dict[str, np.ndarray], y: np.ndarray, early: int, detec
 def summarise(runs: list[dict]) -> dict[str, float]:
     acc = np.array([r["accuracy"] for r in runs]) * 100
     sec = np.array([r["train_seconds"] for r in runs])
-    return {"accuracy_mean": round(float(acc.mean()), 3), "accuracy_std": round(float(acc.std()), 3),
+    halves = {f"accuracy_{h}_mean": round(float(np.mean([r[f"accuracy_{h}"] for r in runs]) * 100), 3)
+              for h in ("val", "heldout") if all(f"accuracy_{h}" in r for r in runs)}
+    return {"accuracy_mean": round(float(acc.mean()), 3), "accuracy_std": round(float(acc.std()), 3), **halves,
             "train_seconds_mean": round(float(sec.mean()), 3),
             "samples_seen": int(np.mean([r["samples_seen"] for r in runs])),
             "steps": int(np.mean([r["steps"] for r in runs])), "n_runs": len(runs)}
+
+
+def chosen_on_val(entry: dict[str, Any], budgets: list[float]) -> dict[str, Any] | None:
+    """The density_consistency variant with the best mean ``val``-half accuracy over all budgets (one
+    setting, as a user would fix it), and its ``heldout``-half accuracy beside the other methods'."""
+    dc = {}
+    for key in entry:
+        if key.startswith("density_consistency"):
+            dc.setdefault(key.rsplit("@", 1)[0], {})[float(key.rsplit("@", 1)[1])] = entry[key]
+    dc = {v: cells for v, cells in dc.items() if set(budgets) <= set(cells)}
+    if len(dc) < 2:
+        return None  # nothing to choose between
+    best = max(dc, key=lambda v: np.mean([dc[v][b]["accuracy_val_mean"] for b in budgets]))
+    out: dict[str, Any] = {"variant": best, "candidates": sorted(dc),
+                           "full_heldout": entry["full"]["accuracy_heldout_mean"]}
+    for b in budgets:
+        out[str(b)] = {"density_consistency": dc[best][b]["accuracy_heldout_mean"],
+                       **{m: entry[f"{m}@{b}"]["accuracy_heldout_mean"]
+                          for m in ("infobatch", "random") if f"{m}@{b}" in entry}}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,6 +381,12 @@ def main(argv: list[str] | None = None) -> int:
                     entry[key] = summarise(runs)
                     print(f"[{lab}] {key}: {entry[key]['accuracy_mean']:.2f} (+-{entry[key]['accuracy_std']:.2f}), "
                           f"cost {entry[key]['samples_seen'] / entry['full']['samples_seen']:.3f}", flush=True)
+            choice = chosen_on_val(entry, args.budgets)
+            if choice is not None:
+                entry["chosen_on_val"] = choice
+                print(f"[{lab}] chosen on the val half: {choice['variant']}; heldout half: "
+                      + ", ".join(f"{b}: {choice[str(b)]}" for b in args.budgets)
+                      + f", full {choice['full_heldout']}", flush=True)
             res["dynamic"][lab] = entry
             save()
 
@@ -437,7 +473,7 @@ def _train_ada(bench: Bench, y: np.ndarray, yt: torch.Tensor, seed: int, epochs:
     hist = loop.fit(model, bench.x, yt, bench.cfg(seed, epochs), **kw)
     if bench.device.type == "cuda":
         torch.cuda.synchronize()
-    return {"accuracy": bench.accuracy(model), "train_seconds": round(time.perf_counter() - t0, 3),
+    return {**bench.accuracy(model), "train_seconds": round(time.perf_counter() - t0, 3),
             "samples_seen": int(hist[-1]["samples_seen"]), "steps": int(hist[-1]["steps"])}
 
 

@@ -268,3 +268,20 @@ def test_dynamic_bench_parses_density_consistency_variants(capsys):
         with pytest.raises(SystemExit):
             dynamic.parse_args(["--dc-variants", bad])
         assert "NORMALISE:SHARPNESS:DELTA" in capsys.readouterr().err
+
+
+def test_dynamic_bench_chooses_the_variant_on_the_val_half_and_reports_the_heldout_half():
+    pytest.importorskip("torch")
+    dynamic = pytest.importorskip("dynamic")
+    cell = lambda val, heldout: {"accuracy_val_mean": val, "accuracy_heldout_mean": heldout}
+    entry = {"full": cell(60, 61), "infobatch@0.3": cell(50, 51), "infobatch@0.5": cell(55, 56),
+             # a wins on val over both budgets, b only on heldout: the choice must not see heldout
+             "density_consistency@0.3": cell(52, 40), "density_consistency@0.5": cell(56, 41),
+             "density_consistency[delta=0.1]@0.3": cell(51, 90), "density_consistency[delta=0.1]@0.5": cell(54, 90),
+             "density_consistency[sharpness=2]@0.3": cell(99, 99)}  # lacks a budget: no candidate
+    choice = dynamic.chosen_on_val(entry, [0.3, 0.5])
+    assert choice["variant"] == "density_consistency"
+    assert choice["candidates"] == ["density_consistency", "density_consistency[delta=0.1]"]
+    assert choice["0.3"] == {"density_consistency": 40, "infobatch": 51} and choice["full_heldout"] == 61
+    del entry["density_consistency[delta=0.1]@0.5"]
+    assert dynamic.chosen_on_val(entry, [0.3, 0.5]) is None  # one candidate: nothing was chosen
