@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -230,20 +229,16 @@ class Bench:
 def saved_proxy(directory: Path, label_column: str, y: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
     """:meth:`Bench.proxy`'s outputs (no features) for the first ``len(y)`` training rows, read from a
     ``bench/noise.py --save-dynamics`` file (all 50,000 rows, train.parquet order), and its meta."""
-    from common import dynamics_file
-    from noise import _unshuffle16
+    from common import dynamics_file, read_dynamics, unshuffle16
 
     path = dynamics_file(directory, label_column, 0)
-    if not path.exists():
-        raise SystemExit(f"--proxy-dynamics: {path} not found (write it with bench/noise.py --save-dynamics)")
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(str(z["meta"]))
-        n = len(y)
-        if int(meta["n"]) < n or not np.array_equal(z["label"][:n], y):
-            raise SystemExit(f"--proxy-dynamics: {path} does not hold these {n} rows' {label_column} labels")
-        loss = _unshuffle16(z["loss"], (len(meta["dynamics_epochs"]), int(meta["n"])))[:, :n]
-        proxy = {"loss": np.ascontiguousarray(loss), "probs": z["probs"][:n].astype(np.float32),
-                 "features": None, "fold": z["fold"][:n].astype(np.int64)}
+    meta, z = read_dynamics(path)
+    n = len(y)
+    if int(meta["n"]) < n or not np.array_equal(z["label"][:n], y):
+        raise SystemExit(f"--proxy-dynamics: {path} does not hold these {n} rows' {label_column} labels")
+    loss = unshuffle16(z["loss"], (len(meta["dynamics_epochs"]), int(meta["n"])))[:, :n]
+    proxy = {"loss": np.ascontiguousarray(loss), "probs": z["probs"][:n].astype(np.float32),
+             "features": None, "fold": z["fold"][:n].astype(np.int64)}
     about = {"file": str(path), "network": meta.get("network"), "device": meta.get("gpu") or meta.get("device"),
              "perceive": meta.get("perceive"), "dynamics_epochs": meta["dynamics_epochs"]}
     return proxy, about

@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from common import argument_parser, dynamics_file, stratified_subset
+from common import (DYNAMICS_FORMAT, argument_parser, dynamics_file, read_dynamics, stratified_subset,
+                    unshuffle16)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,7 +199,6 @@ def analyse(root: Path, seed: int, meta: dict[str, Any]) -> dict[str, Any]:
 
 # --- saved dynamics -------------------------------------------------------------------------------
 
-FORMAT = 1
 MAX_BYTES = 15_000_000  # the device returns files up to 16 MiB, 64 MiB together
 DYN_FLOAT16 = ("loss", "margin", "logit_margin", "error_norm", "feature_norm", "center_distance")
 
@@ -207,10 +207,6 @@ def _shuffle16(a: np.ndarray) -> np.ndarray:
     """float16 ``a`` as ``(2, a.size)`` uint8 byte planes: the sign/exponent plane deflates far better
     when it is not interleaved with the noisy low mantissa bytes (~15% smaller files)."""
     return np.ascontiguousarray(np.asarray(a, np.float16).reshape(-1).view(np.uint8).reshape(-1, 2).T)
-
-
-def _unshuffle16(planes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    return np.ascontiguousarray(planes.T).view(np.float16).reshape(shape).astype(np.float32)
 
 
 def _index_dtype(n: int) -> type:
@@ -308,7 +304,7 @@ def save_dynamics(root: Path, dest: Path, meta: dict[str, Any], max_bytes: int =
     epochs = np.arange(E)
     dest = Path(dest)
     for _ in range(2):  # a second pass only when the first was over max_bytes
-        full_meta = {**meta, "format": FORMAT, "n": int(n), "signal_columns": columns,
+        full_meta = {**meta, "format": DYNAMICS_FORMAT, "n": int(n), "signal_columns": columns,
                      "signal_metadata": metadata, "dynamics_epochs": (epochs + 1).tolist()}
         per_epoch = {"correct": np.packbits(dyn.correct[epochs], axis=1),
                      **{name: _shuffle16(getattr(dyn, name)[epochs]) for name in DYN_FLOAT16}}
@@ -342,11 +338,7 @@ def restore_project(src: Path, root: Path) -> dict[str, Any]:
     from dataopt.paths import Paths
     from dataopt.perceive import Dynamics
 
-    with np.load(src, allow_pickle=False) as z:
-        d = {k: z[k] for k in z.files}
-    meta = json.loads(str(d["meta"]))
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{src}: dynamics format {meta.get('format')} is not {FORMAT}; re-save it")
+    meta, d = read_dynamics(src)
     paths = Paths.at(root)
     n, E = int(meta["n"]), len(meta["dynamics_epochs"])  # E < epochs_completed when thinned
     sid = d["sample_id"].astype(np.int64)
@@ -366,7 +358,7 @@ def restore_project(src: Path, root: Path) -> dict[str, Any]:
     # files saved before center_distance existed lack it (and its signal): restored as NaN; any other
     # missing array is an error
     dyn16 = {name: np.full((E, n), np.nan, np.float32) if name == "center_distance" and name not in d
-             else _unshuffle16(d[name], (E, n)) for name in DYN_FLOAT16}
+             else unshuffle16(d[name], (E, n)) for name in DYN_FLOAT16}
     Dynamics(sample_id=sid, fold=d["fold"].astype(np.int64), p_label=np.exp(-dyn16["loss"]),
              correct=np.unpackbits(d["correct"], axis=1, count=n).astype(bool),
              probs=d["probs"], epochs_completed=E, epochs_per_fold=d["epochs_per_fold"],

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from common import argument_parser, dynamics_file, stratified_subset
+from common import argument_parser, dynamics_file, read_dynamics, stratified_subset
 from dynamic import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,14 +244,13 @@ def use_saved_dynamics(path: Path, subset: np.ndarray, paths) -> None:
     samples = pd.read_parquet(art / "ingest" / "samples.parquet")
     tr = samples[samples["split"] == "train"]
     rows = subset[tr["source"].str.extract(r"#row=(\d+)$")[0].astype(int).to_numpy()]
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(str(z["meta"]))
-        if not np.array_equal(z["label"][rows], tr["label"].to_numpy()):
-            raise SystemExit(f"{path}: labels differ from this run's ({meta['label_column']}?)")
-        described = json.loads(meta["signal_metadata"]["dataopt.signals"])
-        oof = [c for c, m in described.items() if "out-of-fold" in m["description"]]
-        saved = {c: z[f"sig/{c}"][rows] for c in oof}
-        probs = z["probs"][rows]
+    meta, z = read_dynamics(path)
+    if not np.array_equal(z["label"][rows], tr["label"].to_numpy()):
+        raise SystemExit(f"{path}: labels differ from this run's ({meta['label_column']}?)")
+    described = json.loads(meta["signal_metadata"]["dataopt.signals"])
+    oof = [c for c, m in described.items() if "out-of-fold" in m["description"]]
+    saved = {c: z[f"sig/{c}"][rows] for c in oof}
+    probs = z["probs"][rows]
     sig_path = art / "perceive" / "signals.parquet"
     signals = pq.read_table(sig_path)  # pyarrow keeps the schema's signal metadata
     for c, v in saved.items():

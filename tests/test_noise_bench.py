@@ -277,7 +277,8 @@ def test_dynamic_bench_chooses_the_variant_on_the_val_half_and_reports_the_heldo
     entry = {"full": cell(60, 61), "infobatch@0.3": cell(50, 51), "infobatch@0.5": cell(55, 56),
              # a wins on val over both budgets, b only on heldout: the choice must not see heldout
              "density_consistency@0.3": cell(52, 40), "density_consistency@0.5": cell(56, 41),
-             "density_consistency[delta=0.1]@0.3": cell(51, 90), "density_consistency[delta=0.1]@0.5": cell(54, 90),
+             "density_consistency[delta=0.1]@0.3": cell(51, 90),
+             "density_consistency[delta=0.1]@0.5": cell(54, 90),
              "density_consistency[sharpness=2]@0.3": cell(99, 99)}  # lacks a budget: no candidate
     choice = dynamic.chosen_on_val(entry, [0.3, 0.5])
     assert choice["variant"] == "density_consistency"
@@ -285,3 +286,16 @@ def test_dynamic_bench_chooses_the_variant_on_the_val_half_and_reports_the_heldo
     assert choice["0.3"] == {"density_consistency": 40, "infobatch": 51} and choice["full_heldout"] == 61
     del entry["density_consistency[delta=0.1]@0.5"]
     assert dynamic.chosen_on_val(entry, [0.3, 0.5]) is None  # one candidate: nothing was chosen
+
+
+def test_saved_dynamics_reader_names_a_missing_file_and_a_foreign_format(tmp_path: Path):
+    from common import read_dynamics
+
+    with pytest.raises(SystemExit, match=r"nope_s0\.npz not found \(write it with bench/noise\.py"):
+        read_dynamics(tmp_path / "nope_s0.npz")
+    np.savez(tmp_path / "old_s0.npz", meta=np.array(json.dumps({"format": 0})), label=np.zeros(3))
+    with pytest.raises(SystemExit, match=r"old_s0\.npz: dynamics format 0 is not 1; re-save it"):
+        read_dynamics(tmp_path / "old_s0.npz")
+    np.savez(tmp_path / "ok_s0.npz", meta=np.array(json.dumps({"format": 1, "n": 3})), label=np.arange(3))
+    meta, arrays = read_dynamics(tmp_path / "ok_s0.npz")
+    assert meta == {"format": 1, "n": 3} and list(arrays) == ["label"]
