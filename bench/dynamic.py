@@ -293,7 +293,7 @@ def summarise(runs: list[dict]) -> dict[str, float]:
     acc = np.array([r["accuracy"] for r in runs]) * 100
     sec = np.array([r["train_seconds"] for r in runs])
     halves = {f"accuracy_{h}_mean": round(float(np.mean([r[f"accuracy_{h}"] for r in runs]) * 100), 3)
-              for h in ("val", "heldout") if all(f"accuracy_{h}" in r for r in runs)}
+              for h in ("val", "heldout")}
     return {"accuracy_mean": round(float(acc.mean()), 3), "accuracy_std": round(float(acc.std()), 3), **halves,
             "train_seconds_mean": round(float(sec.mean()), 3),
             "samples_seen": int(np.mean([r["samples_seen"] for r in runs])),
@@ -306,7 +306,8 @@ def chosen_on_val(entry: dict[str, Any], budgets: list[float]) -> dict[str, Any]
     dc = {}
     for key in entry:
         if key.startswith("density_consistency"):
-            dc.setdefault(key.rsplit("@", 1)[0], {})[float(key.rsplit("@", 1)[1])] = entry[key]
+            variant, _, budget = key.rpartition("@")
+            dc.setdefault(variant, {})[float(budget)] = entry[key]
     dc = {v: cells for v, cells in dc.items() if set(budgets) <= set(cells)}
     if len(dc) < 2:
         return None  # nothing to choose between
