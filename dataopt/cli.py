@@ -28,9 +28,10 @@ examples:
 
 RUN_EPILOG = """\
 Runs ingest -> embed -> perceive -> analyze -> optimize -> train -> evaluate as the Prefect flow
-`curate`. A stage whose params, input files and code are unchanged is reused from the cache
-(<project>/.prefect/results) unless its outputs were deleted or changed. Then one MLflow run is
-logged and, without --set overrides, `dvc commit` records the outputs in dvc.lock.
+`curate`. DVC is the cache: a stage runs only when `dvc status` says it is stale (its code, input
+files, params or outputs differ from dvc.lock), and each stage that ran is recorded in dvc.lock at
+once, so `dvc repro` afterwards has nothing to do. With --set overrides the stages whose params they
+change, and everything after them, rerun and are not recorded. Then one MLflow run is logged.
 
 examples:
   dataopt run
@@ -55,6 +56,15 @@ MLflow run and writes artifacts/track/run.json. It is the last stage of dvc.yaml
 examples:
   dataopt track
   MLFLOW_TRACKING_URI=http://localhost:5000 dataopt track
+"""
+
+DVC_YAML_EPILOG = """\
+dvc.yaml is generated: every artifact, each stage's reads and params are declared once in
+dataopt/artifacts.py. Run this after changing a declaration.
+
+examples:
+  dataopt dvc-yaml
+  dataopt dvc-yaml --check
 """
 
 UI_EPILOG = """\
@@ -108,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Log the current artifacts as one MLflow run.")
     _set_option(p)
     p.set_defaults(func=cmd_track)
+
+    p = sub.add_parser("dvc-yaml", parents=[common], formatter_class=fmt, epilog=DVC_YAML_EPILOG,
+                       help="write dvc.yaml from the artifact declarations (dataopt/artifacts.py)",
+                       description="Write dvc.yaml from the artifact declarations.")
+    p.add_argument("--check", action="store_true",
+                   help="only check: exit 1 when dvc.yaml differs from the declarations")
+    p.set_defaults(func=cmd_dvc_yaml)
 
     p = sub.add_parser("ui", parents=[common], formatter_class=fmt, epilog=UI_EPILOG,
                        help="serve the MLflow UI on 127.0.0.1", description="Serve the MLflow UI.")
@@ -202,7 +219,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     root, params_file = _locate(args)
     from dataopt.config import load_params
 
-    load_params(params_file, args.overrides)  # fail fast, before Prefect starts its API
+    from dataopt.paths import Paths, check_sources
+
+    # fail fast, before Prefect starts its API: params, method names, the raw source's paths
+    check_sources(load_params(params_file, args.overrides), Paths.at(root))
     # offline machines: no telemetry attempts from the ephemeral API (a user setting still wins)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     _quiet_user_errors()
@@ -217,6 +237,26 @@ def ui_command(uri: str, port: int) -> list[str]:
     """The ``mlflow ui`` command line that ``dataopt ui`` replaces itself with."""
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
             "--host", "127.0.0.1", "--port", str(port)]
+
+
+def cmd_dvc_yaml(args: argparse.Namespace) -> int:
+    from dataopt.artifacts import dvc_yaml
+    from dataopt.io import atomic_path
+
+    root = Path(args.project or ".").resolve()
+    target, text = root / "dvc.yaml", dvc_yaml()
+    current = target.read_text() if target.exists() else None
+    if args.check:
+        if current != text:
+            print(f"dataopt: {target} differs from dataopt/artifacts.py: run `dataopt dvc-yaml`",
+                  file=sys.stderr)
+            return 1
+        print(f"dataopt: {target} matches the declarations")
+        return 0
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+    print(f"dataopt: wrote {target}" + (" (unchanged)" if current == text else ""))
+    return 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from dataopt.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -39,3 +42,18 @@ class Paths:
             return None
         p = Path(p).expanduser()
         return p if p.is_absolute() else (self.root / p).resolve()
+
+
+def check_sources(params: Any, paths: Paths) -> None:
+    """ConfigError naming the key when the raw source's ``ingest.path`` / ``ingest.eval_path`` is missing.
+
+    Cheap (no data is read), so ``dataopt run`` checks it before Prefect starts; the ingest stage still
+    validates everything inside the files.
+    """
+    cfg = params.ingest
+    if cfg.source != "sklearn_digits" and cfg.path is None:
+        raise ConfigError(f"ingest.path is required for ingest.source {cfg.source!r}")
+    for key in ("path", "eval_path"):
+        value = getattr(cfg, key)
+        if value is not None and not paths.resolve(value).exists():
+            raise ConfigError(f"ingest.{key}: {paths.resolve(value)} does not exist")

@@ -1,24 +1,28 @@
-"""The ``curate`` flow: the seven stages as Prefect tasks, then one MLflow run, then ``dvc commit``.
+"""The ``curate`` flow: the seven stages as Prefect tasks, then one MLflow run.
 
 Run it with ``dataopt run`` (or :func:`run`). It needs no Prefect server: with none configured,
 Prefect starts its local ephemeral API for the duration of the run.
+
+DVC is the one cache (:mod:`tasks.versioning`): a stage runs when ``dvc status`` says it is stale (or
+``--no-cache``, or its params differ from the project's params.yaml), and each stage that ran with the
+project's params is recorded in ``dvc.lock`` at once, so a killed run keeps what it finished and
+``dvc repro`` afterwards has nothing to do.
 """
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 from prefect import flow, get_run_logger
 
+from dataopt.artifacts import ORDER, params as stage_params
 from dataopt.config import Params, load_params
 from dataopt.errors import ConfigError
+from dataopt.io import read_json
 from dataopt.paths import Paths
-from dataopt.stages import ORDER
-from tasks.stages import outputs_match, stage_task, track_task
+from tasks.stages import stage_task, track_task
+from tasks.versioning import StageCache
 
 
 def task_runner(params: Params) -> Any:
@@ -38,16 +42,19 @@ def task_runner(params: Params) -> Any:
     return ThreadPoolTaskRunner()
 
 
-def dvc_commit(root: Path) -> str:
-    """``dvc commit -f dvc.yaml`` so that a later ``dvc repro`` finds nothing to do. Returns a message."""
-    if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").exists():
-        return f"{root} is not a DVC project (no .dvc/ or dvc.yaml): dvc.lock not updated"
-    proc = subprocess.run([sys.executable, "-m", "dvc", "commit", "-f", "-q", "dvc.yaml"],
-                          cwd=root, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return "dvc commit failed, dvc.lock not updated: " + " | ".join(tail)
-    return "dvc.lock updated (dvc commit): `dvc repro` has nothing to do"
+def differs(name: str, params: Params, project_params: Optional[Params]) -> bool:
+    """True when a params section of stage ``name`` differs from the project's params.yaml (the values
+    DVC compares with): DVC's answer does not hold for this run, and dvc.lock must not record it."""
+    if project_params is None:
+        return True
+    mine, theirs = params.model_dump(mode="json"), project_params.model_dump(mode="json")
+    return any(_section(mine, s) != _section(theirs, s) for s in stage_params(name))
+
+
+def _section(doc: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        doc = doc[part]
+    return doc
 
 
 @flow(name="curate", log_prints=True)
@@ -57,45 +64,58 @@ def curate(
     project: str = ".",
     no_cache: bool = False,
 ) -> dict[str, Any]:
-    """Run ingest -> ... -> evaluate, log one MLflow run, record the outputs in dvc.lock.
+    """Run the stale stages of ingest -> ... -> evaluate, log one MLflow run, keep dvc.lock current.
 
-    Returns ``{"stages": {name: {"status": "ran"|"cached", "seconds": s, "metrics": {...}}},
-    "tracking": {...}, "dvc": message}``.
+    Returns ``{"stages": {name: {"status": "ran"|"cached", "seconds": s, "metrics": {...},
+    "why": reason}}, "tracking": {...}, "dvc": message}``.
     """
+    t_start = time.time()
     logger = get_run_logger()
     paths = Paths.at(project)
-    params_path = params_path or str(paths.params)
-    params = load_params(params_path, overrides)
+    params = load_params(params_path or paths.params, overrides)
+    project_params = load_params(paths.params) if paths.params.exists() else None
     summary: dict[str, Any] = {"stages": {}}
-    for name in ORDER:
-        t0 = time.perf_counter()
-        fut = stage_task(name, params, paths.root, refresh=no_cache).submit(
-            name, params, str(paths.root))
-        result = fut.result()  # raises the stage's own exception (e.g. a UserError)
-        cached = fut.state.name == "Cached"
-        if cached and not outputs_match(name, paths, result):
-            logger.info("%s: cached result found but its outputs changed or are missing: rerunning",
-                        name)
-            fut = stage_task(name, params, paths.root, refresh=True).submit(
-                name, params, str(paths.root))
-            result = fut.result()
-            cached = False
-        summary["stages"][name] = {
-            "status": "cached" if cached else "ran",
-            "seconds": round(time.perf_counter() - t0, 2),
-            "metrics": result["metrics"],
-        }
-        logger.info("%s: %s in %.1f s", name, summary["stages"][name]["status"],
-                    summary["stages"][name]["seconds"])
-    status = {n: s["status"] for n, s in summary["stages"].items()}
-    summary["tracking"] = track_task()(params, paths, "prefect", overrides, status)
-    if overrides:
-        summary["dvc"] = "--set overrides in use: artifacts differ from params.yaml, dvc.lock not updated"
-    elif Path(params_path).resolve() != paths.params:
-        summary["dvc"] = f"params from {params_path}, not {paths.params}: dvc.lock not updated"
-    else:
-        summary["dvc"] = dvc_commit(paths.root)
+    cache, note = StageCache.open(paths.root)
+    tainted = False  # a stage ran with params that are not the project's: nothing after it is committed
+    try:
+        for name in ORDER:
+            t0 = time.perf_counter()
+            own = differs(name, params, project_params)
+            tainted = tainted or own
+            if no_cache:
+                why: Optional[str] = "--no-cache"
+            elif own:
+                why = "params differ from params.yaml"
+            elif cache is None:
+                why = "no DVC project"
+            else:
+                why = cache.stale(name)
+            if why is None:
+                metrics = read_json(paths.artifacts / name / "metrics.json")
+            else:
+                logger.info("%s: running (%s)", name, why)
+                metrics = stage_task(name, params).submit(name, params, str(paths.root)).result()
+                if cache is not None and not tainted:
+                    cache.commit(name)
+            summary["stages"][name] = {"status": "ran" if why else "cached", "why": why,
+                                       "seconds": round(time.perf_counter() - t0, 2), "metrics": metrics}
+            logger.info("%s: %s in %.1f s", name, summary["stages"][name]["status"],
+                        summary["stages"][name]["seconds"])
+        status = {n: s["status"] for n, s in summary["stages"].items()}
+        summary["tracking"] = track_task()(params, paths, "prefect", overrides, status)
+        if cache is None:
+            summary["dvc"] = note
+        elif tainted:
+            summary["dvc"] = ("params differ from params.yaml (--set or --params): the stages that used "
+                              "them are not recorded in dvc.lock")
+        else:
+            cache.commit("track")
+            summary["dvc"] = "dvc.lock up to date: `dvc repro` has nothing to do"
+    finally:
+        if cache is not None:
+            cache.close()
     logger.info(summary["dvc"])
+    summary["seconds"] = round(time.time() - t_start, 2)
     return summary
 
 

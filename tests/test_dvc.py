@@ -1,16 +1,16 @@
-"""dvc.yaml agrees with the stage modules (one definition of each stage's inputs, outputs, params)."""
+"""dvc.yaml is generated from dataopt/artifacts.py, and DVC runs the same chain as `dataopt run`."""
 from pathlib import Path
 
 import pytest
 import yaml
 
+from dataopt import artifacts
 from dataopt.config import Params
-from dataopt.stages import ORDER, module
+from dataopt.stages import ORDER
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 STAGES = DVC["stages"]
-CODE_DEPS = {"dataopt"}  # every stage reruns when the package changes (as the Prefect cache key)
 
 
 def _names(entries):
@@ -27,33 +27,26 @@ def _param_exists(dotted: str) -> bool:
     return True
 
 
-def test_stage_names_are_the_pipeline_order_plus_track():
+def test_dvc_yaml_is_the_rendered_declarations():
+    assert (ROOT / "dvc.yaml").read_text() == artifacts.dvc_yaml(), "run `dataopt dvc-yaml`"
     assert list(STAGES) == list(ORDER) + ["track"]
 
 
 @pytest.mark.parametrize("name", ORDER)
-def test_stage_matches_module(name):
-    mod = module(name)
+def test_stage_runs_the_stage_command_with_its_declarations(name):
     st = STAGES[name]
     assert st["cmd"] == f"dataopt stage {name}"
-    deps = _names(st["deps"])
-    assert CODE_DEPS <= set(deps)
-    extra = {"data"} if name == "ingest" else set()  # raw inputs (see the README's DVC notes)
-    assert set(deps) - CODE_DEPS - extra == {f"artifacts/{p}" for p in mod.INPUTS}
-    assert len(deps) == len(set(deps))
-    outs = _names(st["outs"])
-    assert set(outs) == {f"artifacts/{p}" for p in mod.OUTPUTS}
+    assert "dataopt" in _names(st["deps"])  # every stage reruns when the package changes
     assert _names(st["metrics"]) == [f"artifacts/{name}/metrics.json"]
     assert st["metrics"][0][f"artifacts/{name}/metrics.json"]["cache"] is False
-    assert _names(st["params"]) == list(mod.PARAMS)
+    outs = set(_names(st["outs"]))
+    assert outs and all(o.startswith(f"artifacts/{name}/") for o in outs)
 
 
 def test_every_named_param_exists():
     named = {p for st in STAGES.values() for p in _names(st.get("params"))}
     missing = sorted(p for p in named if not _param_exists(p))
     assert not missing, f"dvc.yaml names params that dataopt.config.Params lacks: {missing}"
-    for name in ORDER:  # and every module's PARAMS too (they are the cache key's params)
-        assert all(_param_exists(p) for p in module(name).PARAMS), name
 
 
 def test_track_stage_logs_after_everything():
@@ -79,9 +72,8 @@ def test_every_dep_is_produced_by_an_earlier_stage():
 def test_plots_point_into_stage_outputs():
     outs = {p for st in STAGES.values() for p in _names(st.get("outs"))}
     plots = _names(DVC["plots"])
-    assert "artifacts/train/history.json" in plots
-    assert "artifacts/evaluate/plots/per_class.json" in plots
     assert "artifacts/evaluate/plots/confusion_matrix.png" in plots
+    assert all(p.endswith(".png") for p in plots)  # static images: `dvc plots show` works offline
     for p in plots:
         assert any(p == o or p.startswith(o + "/") for o in outs), p
 

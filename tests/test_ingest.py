@@ -155,9 +155,6 @@ BAD = {
 def test_sources_registered():
     registry.load_plugins()
     assert {"sklearn_digits", "imagefolder", "parquet", "csv"} <= set(registry.SOURCES.names())
-    assert stage.INPUTS == () and stage.PARAMS == ("seed", "ingest")
-    assert set(stage.OUTPUTS) >= {f"ingest/{n}" for n in ("samples.parquet", "images.npy",
-                                                         "quarantine.parquet", "report.json")}
 
 
 def test_digits_default_is_deterministic(tmp_path):

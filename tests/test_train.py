@@ -122,12 +122,6 @@ def trained(tmp_path_factory, digits):
     return paths, metrics
 
 
-def test_stage_declares_its_contract():
-    assert train_stage.INPUTS == ("ingest/samples.parquet", "ingest/images.npy", "optimize/plan.parquet",
-                                  "optimize/plan.json", "embed/embeddings.npy", "perceive/signals.parquet")
-    assert "train/model" in train_stage.OUTPUTS and "train/history.json" in train_stage.OUTPUTS
-    assert train_stage.PARAMS == ("seed", "train")
-
 
 def test_full_plan_trains_accurate_model_and_writes_artifacts(trained):
     paths, metrics = trained

@@ -1,8 +1,7 @@
 """The seven stages, in pipeline order. Each module exposes ``run(params, paths) -> dict``.
 
-Each stage module also declares what it reads and which params sections it depends on
-(``INPUTS``: paths relative to ``artifacts/``; ``PARAMS``: params.yaml sections/keys), so that
-``dvc.yaml``, the Prefect cache key and the tests agree on one definition.
+What a stage reads and writes and which params sections it depends on is declared once in
+:mod:`dataopt.artifacts`; :func:`run_stage` enforces it while the stage runs.
 """
 from __future__ import annotations
 
@@ -11,12 +10,13 @@ import time
 from types import ModuleType
 from typing import Any
 
+from dataopt.artifacts import ORDER, stage_context
 from dataopt.config import Params
 from dataopt.errors import ConfigError
 from dataopt.io import write_json
 from dataopt.paths import Paths
 
-ORDER = ("ingest", "embed", "perceive", "analyze", "optimize", "train", "evaluate")
+__all__ = ["ORDER", "module", "run_stage"]
 
 
 def module(name: str) -> ModuleType:
@@ -33,7 +33,8 @@ def run_stage(name: str, params: Params, paths: Paths, **hooks: Any) -> dict[str
     """
     mod = module(name)
     t0 = time.perf_counter()
-    metrics = dict(mod.run(params, paths, **hooks) or {})
+    with stage_context(name):
+        metrics = dict(mod.run(params, paths, **hooks) or {})
     metrics.setdefault("seconds", round(time.perf_counter() - t0, 3))
     if name != "evaluate":  # evaluate writes its own, richer metrics.json
         write_json(paths.stage(name) / "metrics.json", metrics)

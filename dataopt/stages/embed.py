@@ -3,11 +3,11 @@
 
 Writes ``artifacts/embed/``: ``embeddings.npy`` (float16 ``(N, d)``, row i = row i of
 ``samples.parquet``, both splits), ``text_embeddings.npy`` (float16 ``(n_classes, d)``, row c = class
-label c, only for backends with ``encode_classes`` such as ``open_clip``; removed otherwise so that no
+label c, for backends with ``encode_classes`` such as ``open_clip``; ``(0, d)`` otherwise, so that no
 stale file survives a backend change), ``knn.npz`` (``sample_id``: train ids in samples order;
 ``indices``: ``(n_train, k)`` positions into that array, self excluded; ``distances``: float32
 Euclidean, ascending), ``proxy_probs.npz`` (only for backends whose ``class_probs`` returns
-probabilities, such as ``proxy`` with ``folds`` >= 2; removed otherwise: ``sample_id`` ``(N,)`` in samples
+probabilities, such as ``proxy`` with ``folds`` >= 2; empty arrays otherwise: ``sample_id`` ``(N,)`` in samples
 order, ``probs`` float32 ``(N, C)``, ``fold`` int64 ``(N,)`` (-1 for test rows), ``out_of_fold`` bool
 ``(N,)``: train rows are scored only by the fold model that held them out, test rows by the mean of the
 fold models) and ``meta.json`` (backend, kwargs, model, checkpoint hash, dims, device, precision, shards,
@@ -53,6 +53,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from dataopt import artifacts as art
+from dataopt.artifacts import read_images, read_samples
 from dataopt.config import Params
 from dataopt.embed import check_finite
 from dataopt.embed.duplicates import duplicate_groups
@@ -60,41 +62,13 @@ from dataopt.embed.knn import knn_graph
 from dataopt.embed import shards as shardlib
 from dataopt.embed.base import Embedder
 from dataopt.errors import DataError
-from dataopt.io import file_digest, load_npy, save_npy, save_npz, write_json
+from dataopt.io import file_digest, load_npy, save_npy
 from dataopt.paths import Paths
 from dataopt.registry import EMBEDDERS, get_params
-from dataopt.schema import SAMPLES_COLUMNS, TRAIN, check_columns, require
-
-INPUTS = ("ingest/samples.parquet", "ingest/images.npy")
-OUTPUTS = ("embed/embeddings.npy", "embed/knn.npz", "embed/meta.json", "embed/duplicates.json")
-PARAMS = ("seed", "embed")
+from dataopt.schema import TRAIN
 
 FORMAT_VERSION = 1  # bump when the shard layout or the meaning of a fingerprint part changes
 MapShards = Callable[[Callable[[dict], dict], Sequence[dict]], Sequence[dict]]
-
-
-def read_samples(paths: Paths, columns: list[str], stage: str = "ingest") -> dict[str, np.ndarray]:
-    """Columns of ``artifacts/ingest/samples.parquet`` as numpy arrays (nulls -> None objects).
-
-    Raises MissingArtifactError when the file is absent, DataError when a column is missing.
-    """
-    path = require(paths.artifacts / "ingest" / "samples.parquet", stage)
-    check_columns(path, {c: SAMPLES_COLUMNS.get(c, "") for c in columns})
-    table = pq.read_table(path, columns=columns)
-    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
-
-
-def read_images(paths: Paths, n_rows: int) -> np.ndarray:
-    """``artifacts/ingest/images.npy`` memory-mapped, checked against ``samples.parquet``'s row count."""
-    path = require(paths.artifacts / "ingest" / "images.npy", "ingest")
-    images = load_npy(path)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise DataError(f"{path}: expected uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
-    if len(images) != n_rows:
-        raise DataError(
-            f"{path} has {len(images)} rows but samples.parquet has {n_rows}: rerun the 'ingest' stage"
-        )
-    return images
 
 
 # ---- shard workers -----------------------------------------------------------------------------
@@ -194,15 +168,18 @@ def _class_names(labels: np.ndarray, names: np.ndarray) -> list[str]:
 
 
 def _write_class_probs(embedder: Embedder, images: np.ndarray, train_idx: np.ndarray, sample_id: np.ndarray,
-                       labels: np.ndarray, path: Path) -> Optional[dict[str, Any]]:
-    """Write the backend's ``class_probs`` to ``path`` (or remove a stale file); the ``meta.json`` entry.
+                       labels: np.ndarray, paths: Paths) -> Optional[dict[str, Any]]:
+    """Write the backend's ``class_probs`` to ``embed/proxy_probs.npz``; the ``meta.json`` entry.
 
-    Returns None when the backend emits no probabilities, else ``folds``, ``oof_accuracy`` (argmax of
-    the out-of-fold rows against their given label), ``n_out_of_fold`` and ``path``.
+    Returns None when the backend emits no probabilities (the file then holds empty arrays, so that
+    every declared output exists), else ``folds``, ``oof_accuracy`` (argmax of the out-of-fold rows
+    against their given label), ``n_out_of_fold`` and ``path``.
     """
     extra = embedder.class_probs(images, train_idx)
     if extra is None:
-        path.unlink(missing_ok=True)
+        art.save_npz(paths, "embed/proxy_probs.npz", sample_id=np.zeros(0, np.int64),
+                     probs=np.zeros((0, 0), np.float32), fold=np.zeros(0, np.int64),
+                     out_of_fold=np.zeros(0, bool))
         return None
     probs = np.asarray(extra["probs"], dtype=np.float32)
     fold = np.asarray(extra["fold"], dtype=np.int64)
@@ -212,7 +189,8 @@ def _write_class_probs(embedder: Embedder, images: np.ndarray, train_idx: np.nda
         raise DataError(f"embed backend returned class probabilities of shape {probs.shape} "
                         f"(fold {fold.shape}, out_of_fold {oof.shape}) for {n} rows")
     check_finite(probs, sample_id, what="proxy class probabilities")
-    save_npz(path, sample_id=sample_id, probs=probs, fold=fold, out_of_fold=oof)
+    art.save_npz(paths, "embed/proxy_probs.npz", sample_id=sample_id, probs=probs, fold=fold,
+                 out_of_fold=oof)
     hit = probs[oof].argmax(1) == labels[oof]
     return {"path": "embed/proxy_probs.npz", "folds": int(len(np.unique(fold[fold >= 0]))),
             "oof_accuracy": round(float(hit.mean()), 6) if len(hit) else None,
@@ -247,16 +225,16 @@ def run(params: Params, paths: Paths, map_shards: Optional[MapShards] = None) ->
         cfg.backend, kwargs, random_state=params.seed, device=cfg.device,
         transform_batch_size=cfg.batch_size,
     )
-    images_path = paths.artifacts / "ingest" / "images.npy"
-    samples_path = paths.artifacts / "ingest" / "samples.parquet"
+    images_path = art.locate(paths, "ingest/images.npy")
+    samples_path = art.locate(paths, "ingest/samples.parquet")
     fp = shardlib.fingerprint({
         "version": FORMAT_VERSION, "backend": cfg.backend, "params": get_params(embedder),
         "identity": embedder.identity(), "images_sha256": file_digest(images_path),
         "samples_sha256": file_digest(samples_path), "n": n, "shard_size": cfg.shard_size,
         "torch": torch.__version__,
     })
-    out = paths.stage("embed")
-    shard_dir = out / "shards" / fp
+    shard_root = art.scratch(paths, "embed/shards")
+    shard_dir = shard_root / fp
     state_file = shard_dir / shardlib.STATE_FILE
     lap("fingerprint")
 
@@ -288,21 +266,19 @@ def run(params: Params, paths: Paths, map_shards: Optional[MapShards] = None) ->
     rows_computed = sum(r["rows"] for r in results if not r.get("skipped"))
     lap("transform")
 
-    emb16 = shardlib.assemble([Path(s["path"]) for s in specs], out / "embeddings.npy", n)
+    emb16 = shardlib.assemble([Path(s["path"]) for s in specs], art.locate(paths, "embed/embeddings.npy", "w"), n)
     lap("assemble")
 
-    text_path = out / "text_embeddings.npy"
     has_text = hasattr(embedder, "encode_classes")
     if has_text:
-        text = embedder.encode_classes(_class_names(labels, samples["label_name"]))
-        text16 = text.astype(np.float16)
+        text16 = embedder.encode_classes(_class_names(labels, samples["label_name"])).astype(np.float16)
         check_finite(text16, np.arange(len(text16)), what="text embeddings (rows = class labels)")
-        save_npy(text_path, text16)
-    else:
-        text_path.unlink(missing_ok=True)
+    else:  # no text tower: an empty (0, d) table, so the declared output always exists
+        text16 = np.zeros((0, emb16.shape[1]), np.float16)
+    art.save_npy(paths, "embed/text_embeddings.npy", text16)
     lap("text")
 
-    probs_meta = _write_class_probs(embedder, images, train_idx, sample_id, labels, out / "proxy_probs.npz")
+    probs_meta = _write_class_probs(embedder, images, train_idx, sample_id, labels, paths)
     lap("probs")
 
     train_sid = sample_id[train_idx]
@@ -313,19 +289,19 @@ def run(params: Params, paths: Paths, map_shards: Optional[MapShards] = None) ->
         use_gpu=cfg.knn_device, seed=params.seed)
     lap("knn")
 
-    save_npz(out / "knn.npz", sample_id=train_sid, indices=indices, distances=distances)
+    art.save_npz(paths, "embed/knn.npz", sample_id=train_sid, indices=indices, distances=distances)
     duplicates = duplicate_groups(indices, distances, cfg.near_duplicate_threshold, train_sid)
-    write_json(out / "duplicates.json", duplicates)
+    art.write_json(paths, "embed/duplicates.json", duplicates)
     if not cfg.keep_shards:
         shutil.rmtree(shard_dir, ignore_errors=True)
-        if (out / "shards").is_dir() and not any((out / "shards").iterdir()):
-            (out / "shards").rmdir()
+        if shard_root.is_dir() and not any(shard_root.iterdir()):
+            shard_root.rmdir()
     lap("write")
     total = round(time.perf_counter() - t0, 4)
     embed_seconds = (0.0 if fit_reused else seconds["fit"]) + seconds["transform"]
     images_per_s = round(rows_computed / embed_seconds, 1) if rows_computed and embed_seconds > 0 else 0.0
     info = embedder.info()
-    write_json(out / "meta.json", {
+    art.write_json(paths, "embed/meta.json", {
         "backend": cfg.backend,
         "kwargs": get_params(embedder),
         "model": info.get("model"),

@@ -21,7 +21,7 @@ from dataopt.io import load_npy, write_json, write_parquet
 from dataopt.paths import Paths
 from dataopt.perceive import OOFDynamics, SignalInputs, class_table, compute_signals, corpus_summary
 from dataopt.schema import TRAIN, require
-from dataopt.stages.embed import read_images, read_samples
+from dataopt.artifacts import read_images, read_samples
 
 INPUTS = ("ingest/samples.parquet", "ingest/images.npy", "embed/embeddings.npy", "embed/knn.npz")
 OUTPUTS = ("perceive/signals.parquet", "perceive/dynamics.npz", "perceive/classes.parquet",

@@ -15,12 +15,11 @@ from typing import Any
 
 import pandas as pd
 
+from dataopt import artifacts as art
 from dataopt.config import Params
 from dataopt.errors import DataError
-from dataopt.io import load_npy, read_json, write_json
 from dataopt.paths import Paths
 from dataopt.registry import DYNAMIC_SELECTORS
-from dataopt.schema import require
 from dataopt.train import loop
 from dataopt.train.checkpoint import save_model
 from dataopt.train.trainer import train_model, train_set_from_plan
@@ -28,31 +27,21 @@ from dataopt.train.trainer import train_model, train_set_from_plan
 
 def _kept_signals(paths: Paths, plan: pd.DataFrame) -> pd.DataFrame:
     """perceive/signals.parquet rows of the samples the plan keeps (plan and signals share the order)."""
-    path = require(paths.artifacts / "perceive" / "signals.parquet", "perceive")
-    signals = pd.read_parquet(path)
+    signals = art.read_frame(paths, "perceive/signals.parquet")
     if len(signals) != len(plan) or not (signals["sample_id"].to_numpy() == plan["sample_id"].to_numpy()).all():
-        raise DataError(f"{path}: rows do not match optimize/plan.parquet; re-run 'perceive' and 'optimize'")
+        raise DataError("perceive/signals.parquet: rows do not match optimize/plan.parquet; re-run 'perceive' and 'optimize'")
     return signals.loc[plan["keep"].to_numpy(bool)].reset_index(drop=True)
 
-INPUTS = ("ingest/samples.parquet", "ingest/images.npy", "optimize/plan.parquet", "optimize/plan.json",
-          "embed/embeddings.npy", "perceive/signals.parquet")
-OUTPUTS = ("train/model", "train/history.json")
-PARAMS = ("seed", "train")
 
 
 def run(params: Params, paths: Paths) -> dict[str, Any]:
-    art = paths.artifacts
-    samples_path = require(art / "ingest" / "samples.parquet", "ingest")
-    images_path = require(art / "ingest" / "images.npy", "ingest")
-    plan_path = require(art / "optimize" / "plan.parquet", "optimize")
-    samples = pd.read_parquet(samples_path, columns=["sample_id", "split", "label", "label_name"])
-    images = load_npy(images_path)
-    if len(images) != len(samples):
-        raise DataError(f"{images_path}: {len(images)} rows but samples.parquet has {len(samples)}")
+    samples = art.read_frame(paths, "ingest/samples.parquet", ["sample_id", "split", "label", "label_name"])
+    images = art.read_images(paths, len(samples))
+    plan_path = art.locate(paths, "optimize/plan.parquet")
     # plan.json carries the `train` / `augment` directives; a plan written without it trains as before
-    json_path = art / "optimize" / "plan.json"
-    plan_json = read_json(json_path) if json_path.exists() else None
-    plan = pd.read_parquet(plan_path)
+    has_json = (paths.artifacts / "optimize/plan.json").exists()
+    plan_json = art.read_json(paths, "optimize/plan.json") if has_json else None
+    plan = art.read_frame(paths, "optimize/plan.parquet")
     ts = train_set_from_plan(samples, plan, plan_path, plan_json)
 
     tp = params.train
@@ -62,16 +51,15 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     if tp.mode == "head":
         from dataopt.train.head import train_head
 
-        embeddings = load_npy(require(art / "embed" / "embeddings.npy", "embed"))
+        embeddings = art.load_npy(paths, "embed/embeddings.npy")
         if len(embeddings) != len(samples):
             raise DataError(f"embed/embeddings.npy: {len(embeddings)} rows but samples.parquet has {len(samples)}")
         model, history, config = train_head(embeddings, ts, tp, params.seed, device, signals=signals)
     else:
         model, history, config = train_model(images, ts, tp, params.seed, device, signals=signals)
 
-    out = paths.stage("train")
-    save_model(out / "model", model, config)
-    write_json(out / "history.json", history)
+    save_model(art.locate(paths, "train/model", "w"), model, config)
+    art.write_json(paths, "train/history.json", history)
     last = history[-1]
     return {
         "epochs": len(history),

@@ -1,0 +1,67 @@
+"""DVC decides what is stale: the one cache of dataopt. The only module of dataopt that imports dvc.
+
+``dataopt run`` asks DVC, stage by stage, whether the stage's deps, params and outs still match
+``dvc.lock`` (``dvc status <stage>``), runs only the stages that do not, and records each finished stage
+in ``dvc.lock`` (``dvc commit <stage>``), so that ``dvc repro`` then has nothing to do; after a
+``dvc repro``, ``dataopt run`` reuses every stage. There is no second opinion to disagree with DVC's.
+
+``dvc.yaml`` is rendered from ``dataopt/artifacts.py``, so the stages DVC checks are the declared ones.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from dataopt.errors import UserError
+
+
+def _describe(change: Any) -> str:
+    """``{'changed deps': {'params.yaml': {'seed': 'modified'}}}`` -> ``changed deps: params.yaml: seed modified``."""
+    if isinstance(change, dict):
+        return ", ".join(f"{k}: {_describe(v)}" if isinstance(v, dict) else f"{k} {v}"
+                         for k, v in change.items())
+    return str(change)
+
+
+class StageCache:
+    """DVC's view of one project: :meth:`stale` and :meth:`commit` per stage. Use as a context manager."""
+
+    def __init__(self, root: Path):
+        from dvc.repo import Repo  # dvc costs ~0.5 s to import; only `dataopt run` needs it
+
+        self.root = Path(root)
+        self.repo = Repo(str(self.root))
+
+    @classmethod
+    def open(cls, root: Path) -> tuple[Optional["StageCache"], str]:
+        """``(cache, note)``: no cache (every stage runs) outside a DVC project, and the note says why."""
+        root = Path(root)
+        if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").exists():
+            return None, f"{root} is not a DVC project (no .dvc/ or dvc.yaml): every stage runs, " \
+                         "dvc.lock not updated"
+        return cls(root), ""
+
+    def stale(self, stage: str) -> Optional[str]:
+        """None when ``stage`` matches dvc.lock, else why not (``changed deps: ...``, ``not in dvc.lock``)."""
+        status = self.repo.status(targets=[stage]).get(stage)
+        if not status:
+            return None
+        reasons = [item if isinstance(item, str) else _describe(item) for item in status]
+        return "; ".join(reasons) or "not in dvc.lock"
+
+    def commit(self, stage: str) -> None:
+        """Record ``stage``'s current deps, params and outs in dvc.lock (and outs in DVC's cache)."""
+        try:
+            self.repo.commit(stage, force=True)
+        except Exception as err:  # noqa: BLE001 - DVC raises many kinds; the user needs its message
+            msg = str(err).strip() or type(err).__name__
+            raise UserError(f"dvc commit {stage} failed: {msg}") from None
+
+    def close(self) -> None:
+        self.repo.close()
+
+    def __enter__(self) -> "StageCache":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
