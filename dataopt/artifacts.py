@@ -263,6 +263,13 @@ def read_samples(paths: Paths, columns: list[str]) -> dict[str, np.ndarray]:
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
 
 
+def read_text_embeddings(paths: Paths) -> Optional[np.ndarray]:
+    """``embed/text_embeddings.npy`` as float32 ``(n_classes, d)``, or None when the backend has no text
+    tower (the file then holds ``(0, d)``)."""
+    text = io.load_npy(locate(paths, "embed/text_embeddings.npy"))
+    return np.asarray(text, np.float32) if len(text) else None
+
+
 def read_images(paths: Paths, n_rows: int) -> np.ndarray:
     """``ingest/images.npy`` memory-mapped, checked against ``samples.parquet``'s row count."""
     file = locate(paths, "ingest/images.npy")

@@ -89,6 +89,7 @@ def test_fresh_project_dvc_repro_then_nothing_to_do_then_experiment(tmp_path):
     (data/ holds only its README), a second `dvc repro` has nothing to do, and `dvc exp run -S`
     records an experiment that `dvc exp show` lists, with one MLflow run per execution."""
     import json
+    import re
     import subprocess
 
     from test_e2e import BIN, make_project, project_env
@@ -112,6 +113,10 @@ def test_fresh_project_dvc_repro_then_nothing_to_do_then_experiment(tmp_path):
     assert "Running stage" not in sh(str(BIN / "dvc"), "repro")
     assert "up to date" in sh(str(BIN / "dvc"), "status")
     first = json.loads((project / "artifacts" / "track" / "run.json").read_text())
+    # one cache: after `dvc repro`, `dataopt run` reuses every stage (and logs one more MLflow run)
+    out = sh(str(BIN / "dataopt"), "run")
+    assert all(re.search(rf"^\s+{n}\s+cached\s", out, re.M) for n in ORDER), out
+    assert "up to date" in sh(str(BIN / "dvc"), "status")
 
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "baseline")
@@ -125,6 +130,6 @@ def test_fresh_project_dvc_repro_then_nothing_to_do_then_experiment(tmp_path):
 
     client = MlflowClient(tracking_uri=first["tracking_uri"])
     runs = client.search_runs([first["experiment_id"]])
-    assert sorted(r.data.tags["dataopt.entry_point"] for r in runs) == ["dvc", "dvc-exp"]
+    assert sorted(r.data.tags["dataopt.entry_point"] for r in runs) == ["dvc", "dvc-exp", "prefect"]
     exp_run = next(r for r in runs if r.data.tags["dataopt.entry_point"] == "dvc-exp")
     assert exp_run.data.params["optimize.ratio"] == "0.5"

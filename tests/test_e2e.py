@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dataopt.config import load_params
-from dataopt.schema import ARTIFACTS
+from dataopt.artifacts import ARTIFACTS
 from dataopt.stages import ORDER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,9 +70,8 @@ def test_dataopt_run_end_to_end(tmp_path):
 
     out1, t1 = dataopt_run(project)
     assert statuses(out1) == {n: "ran" for n in ORDER}, out1
-    for stage, files in ARTIFACTS.items():
-        for f in files:
-            assert (project / "artifacts" / stage / f).exists(), f"{stage}/{f} missing"
+    for rel in ARTIFACTS:
+        assert (project / "artifacts" / rel).exists(), f"{rel} missing"
     metrics = json.loads((project / "artifacts" / "evaluate" / "metrics.json").read_text())
     assert metrics["accuracy"] >= 0.90
     assert "test accuracy:" in out1 and "dataopt ui" in out1 and "dvc metrics show" in out1
@@ -105,6 +104,29 @@ def test_dataopt_run_end_to_end(tmp_path):
     proc = subprocess.run([str(BIN / "dvc"), "repro", "--dry"], cwd=project, capture_output=True,
                           text=True, env=project_env(project))
     assert proc.returncode == 0 and "Running stage" not in proc.stdout, proc.stdout
+
+    # DVC is the one cache: a deleted output reruns its stage (and what reads it) and nothing else
+    (project / "artifacts" / "train" / "history.json").unlink()
+    out3, _ = dataopt_run(project)
+    s3 = statuses(out3)
+    assert s3["train"] == s3["evaluate"] == "ran", out3
+    assert {n for n, v in s3.items() if v == "cached"} == set(ORDER[:5]), out3
+    assert dvc_clean(project)
+
+    # an override reruns its stage and what follows, and is not recorded in dvc.lock ...
+    out4, _ = dataopt_run(project, "--set", "train.epochs=1")
+    s4 = statuses(out4)
+    assert s4["train"] == s4["evaluate"] == "ran" and s4["optimize"] == "cached", out4
+    assert "not recorded in dvc.lock" in out4 and not dvc_clean(project)
+    # ... so the next plain run puts back what params.yaml says, and DVC agrees again
+    out5, _ = dataopt_run(project)
+    assert statuses(out5)["train"] == "ran" and dvc_clean(project), out5
+
+
+def dvc_clean(project: Path) -> bool:
+    proc = subprocess.run([str(BIN / "dvc"), "status", "-q"], cwd=project, capture_output=True,
+                          text=True, env=project_env(project))
+    return proc.returncode == 0
 
 
 @pytest.mark.slow

@@ -21,80 +21,21 @@ from tasks import stages as tstages
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fake_module(inputs, outputs, params):
-    return types.SimpleNamespace(INPUTS=inputs, OUTPUTS=outputs, PARAMS=params,
-                                 run=lambda p, paths, **hooks: {})
+def _with(params: Params, section: str, **values) -> Params:
+    return params.model_copy(update={section: getattr(params, section).model_copy(update=values)})
 
 
-@pytest.fixture
-def fake_embed(monkeypatch):
-    mod = _fake_module(("ingest/samples.parquet",), ("embed/embeddings.npy",), ("seed", "embed"))
-    monkeypatch.setattr(stages, "module", lambda name: mod)
-    return mod
+def test_a_stage_differs_only_when_its_own_params_sections_differ():
+    from flows.curate import differs
 
-
-def test_cache_key_follows_params_inputs_and_nothing_else(tmp_path, fake_embed):
-    paths = Paths.at(tmp_path)
-    write_json(paths.stage("ingest") / "samples.parquet", {"a": 1})  # content is all that counts
-    p = Params()
-    k0 = tstages.cache_key("embed", p, paths)
-    assert k0 == tstages.cache_key("embed", p, paths)
-    assert k0.startswith("embed-")
-    # an unrelated section does not change the key; the stage's own section and seed do
-    assert tstages.cache_key("embed", p.model_copy(update={"train": p.train.model_copy(
-        update={"epochs": 1})}), paths) == k0
-    assert tstages.cache_key("embed", p.model_copy(update={"embed": p.embed.model_copy(
-        update={"knn_k": 3})}), paths) != k0
-    assert tstages.cache_key("embed", p.model_copy(update={"seed": 7}), paths) != k0
-    # a new input content changes the key; rewriting the same content does not
-    write_json(paths.stage("ingest") / "samples.parquet", {"a": 2})
-    k1 = tstages.cache_key("embed", p, paths)
-    assert k1 != k0
-    write_json(paths.stage("ingest") / "samples.parquet", {"a": 1})
-    assert tstages.cache_key("embed", p, paths) == k0
-
-
-def test_ingest_key_follows_the_raw_source(tmp_path, monkeypatch):
-    mod = _fake_module((), ("ingest/samples.parquet",), ("seed", "ingest"))
-    monkeypatch.setattr(stages, "module", lambda name: mod)
-    paths = Paths.at(tmp_path)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "a.csv").write_text("x\n1\n")
-    p = Params().model_copy(update={"ingest": Params().ingest.model_copy(update={"path": "data"})})
-    k0 = tstages.cache_key("ingest", p, paths)
-    (tmp_path / "data" / "b.csv").write_text("x\n2\n")
-    assert tstages.cache_key("ingest", p, paths) != k0
-
-
-def test_digest_of_files_and_directories(tmp_path):
-    f = tmp_path / "x.bin"
-    f.write_bytes(b"abc" * 1000)
-    assert tstages.digest(f) == file_digest(f)
-    assert tstages.digest(tmp_path / "missing") is None
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "w.safetensors").write_bytes(b"1")
-    d0 = tstages.digest(d)
-    (d / "w.safetensors").write_bytes(b"2")
-    assert tstages.digest(d) != d0
-    # the (path, size, mtime) cache survives a new process through digests.json
-    tstages.save_digest_cache(tmp_path)
-    rows = json.loads((tmp_path / ".prefect" / "digests.json").read_text())
-    assert [str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns, file_digest(f)] in rows
-
-
-def test_outputs_match_detects_deleted_and_changed_outputs(tmp_path, fake_embed):
-    paths = Paths.at(tmp_path)
-    out = paths.stage("embed") / "embeddings.npy"
-    out.write_bytes(b"emb")
-    write_json(paths.stage("embed") / "metrics.json", {"seconds": 1})
-    result = {"metrics": {}, "outputs": tstages.output_digests("embed", paths)}
-    assert set(result["outputs"]) == {"embed/embeddings.npy", "embed/metrics.json"}
-    assert tstages.outputs_match("embed", paths, result)
-    out.write_bytes(b"changed")
-    assert not tstages.outputs_match("embed", paths, result)
-    out.unlink()
-    assert not tstages.outputs_match("embed", paths, result)
+    base = Params()
+    assert not any(differs(n, base, base) for n in stages.ORDER)
+    epochs = _with(base, "train", epochs=1)
+    assert [n for n in stages.ORDER if differs(n, epochs, base)] == ["train"]
+    seeded = base.model_copy(update={"seed": 7})
+    assert [n for n in stages.ORDER if differs(n, seeded, base)] == [
+        n for n in stages.ORDER if n != "evaluate"]  # evaluate's outputs do not depend on the seed
+    assert all(differs(n, base, None) for n in stages.ORDER)  # no params.yaml: nothing to compare
 
 
 def test_user_errors_are_not_retried():
@@ -208,8 +149,7 @@ DRIVER = textwrap.dedent('''
     from dataopt.errors import DataError
     calls = []
     def make(name, prev):
-        mod = types.SimpleNamespace(INPUTS=(f"{prev}/out.json",) if prev else (),
-                                    OUTPUTS=(f"{name}/out.json",), PARAMS=("seed",))
+        mod = types.SimpleNamespace()
         def run(params, paths, **hooks):
             calls.append(name)
             fail = os.environ.get("FAIL")
@@ -247,7 +187,9 @@ DRIVER = textwrap.dedent('''
 
 
 @pytest.mark.slow
-def test_flow_caches_verifies_outputs_and_retries(tmp_path):
+def test_flow_outside_dvc_runs_everything_and_retries_only_transient_errors(tmp_path):
+    """Outside a DVC project there is no cache (DVC is the one cache) and the summary says so; a
+    UserError fails at once, a transient error is retried. Caching itself: tests/test_e2e.py."""
     project = tmp_path / "proj"
     project.mkdir()
     (project / "params.yaml").write_text(
@@ -256,12 +198,9 @@ def test_flow_caches_verifies_outputs_and_retries(tmp_path):
     (tmp_path / "driver.py").write_text(DRIVER)
     steps = [
         {},                                   # 1: everything runs
-        {},                                   # 2: everything cached
-        {"delete": "train/out.json"},         # 3: train's output deleted: train reruns
-        {"no_cache": True},                   # 4: --no-cache: everything runs
-        {"set": ["seed=1"]},                  # 5: new params: everything runs, no dvc commit
-        {"set": ["seed=2"], "fail": "user"},  # 6: a UserError fails at once, not retried
-        {"set": ["seed=3"], "fail": "transient"},  # 7: a transient error is retried
+        {},                                   # 2: again: no DVC project, so no cache
+        {"set": ["seed=2"], "fail": "user"},  # 3: a UserError fails at once, not retried
+        {"set": ["seed=3"], "fail": "transient"},  # 4: a transient error is retried
     ]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(ROOT)}
@@ -274,13 +213,9 @@ def test_flow_caches_verifies_outputs_and_retries(tmp_path):
     order = list(stages.ORDER)
 
     assert set(r[0]["status"].values()) == {"ran"} and r[0]["calls"] == order
-    assert "not a DVC project" in r[0]["dvc"]
-    assert set(r[1]["status"].values()) == {"cached"} and r[1]["calls"] == []
-    assert r[2]["calls"] == ["train"]
-    assert r[2]["status"]["train"] == "ran" and r[2]["status"]["evaluate"] == "cached"
-    assert r[3]["calls"] == order and set(r[3]["status"].values()) == {"ran"}
-    assert r[4]["calls"] == order and "dvc.lock not updated" in r[4]["dvc"]
-    assert r[5]["error"] == "DataError" and "row 3" in r[5]["message"]
-    assert r[5]["calls"] == ["ingest", "embed", "perceive"]
-    assert r[6]["calls"].count("perceive") == 2 and r[6]["status"]["perceive"] == "ran"
-    assert (project / ".prefect" / "results").is_dir()
+    assert "not a DVC project" in r[0]["dvc"] and "every stage runs" in r[0]["dvc"]
+    assert r[1]["calls"] == order
+    assert r[2]["error"] == "DataError" and "row 3" in r[2]["message"]
+    assert r[2]["calls"] == ["ingest", "embed", "perceive"]
+    assert r[3]["calls"].count("perceive") == 2 and r[3]["status"]["perceive"] == "ran"
+    assert not (project / ".prefect" / "results").exists()  # no second cache

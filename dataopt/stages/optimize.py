@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 import dataopt.optimize  # noqa: F401  (fills the five registries)
 from dataopt.analyze.base import LazyInputs, arrow_table
+from dataopt.artifacts import read_text_embeddings
 from dataopt.config import Params
 from dataopt.errors import DataError
 from dataopt.io import load_npy, write_json, write_parquet
@@ -68,8 +69,8 @@ def _inputs(paths: Paths) -> tuple[LazyInputs, np.ndarray, np.ndarray]:
         return np.asarray(all_embeddings()[np.flatnonzero(split != TRAIN)], dtype=np.float32)
 
     def text_embeddings():
-        if not (art / "embed" / "text_embeddings.npy").exists():
-            return None  # only the open_clip backend writes them
+        if read_text_embeddings(paths) is None:
+            return None  # only backends with a text tower (open_clip) write rows
         return np.asarray(all_embeddings("text_embeddings.npy")[rows], dtype=np.float32)
 
     def analysis() -> pd.DataFrame:

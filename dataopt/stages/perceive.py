@@ -21,7 +21,7 @@ from dataopt.io import load_npy, write_json, write_parquet
 from dataopt.paths import Paths
 from dataopt.perceive import OOFDynamics, SignalInputs, class_table, compute_signals, corpus_summary
 from dataopt.schema import TRAIN, require
-from dataopt.artifacts import read_images, read_samples
+from dataopt.artifacts import read_images, read_samples, read_text_embeddings
 
 INPUTS = ("ingest/samples.parquet", "ingest/images.npy", "embed/embeddings.npy", "embed/knn.npz")
 OUTPUTS = ("perceive/signals.parquet", "perceive/dynamics.npz", "perceive/classes.parquet",
@@ -51,13 +51,10 @@ def _read_embed(paths: Paths, n_rows: int, train_sid: np.ndarray) -> tuple[np.nd
 
 def _read_text_embeddings(paths: Paths, dim: int) -> np.ndarray | None:
     """``(n_classes, d)`` float32 text embeddings of the classes, or None when the embedder has no text."""
-    path = paths.artifacts / "embed" / "text_embeddings.npy"
-    if not path.exists():
-        return None
-    text = np.asarray(load_npy(path), np.float32)
-    if text.ndim != 2 or text.shape[1] != dim:
-        raise DataError(f"{path} has shape {text.shape} but the embeddings have dim {dim}: "
-                        "rerun the 'embed' stage")
+    text = read_text_embeddings(paths)
+    if text is not None and (text.ndim != 2 or text.shape[1] != dim):
+        raise DataError(f"embed/text_embeddings.npy has shape {text.shape} but the embeddings have dim "
+                        f"{dim}: rerun the 'embed' stage")
     return text
 
 
