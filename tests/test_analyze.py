@@ -21,7 +21,7 @@ from dataopt.schema import ANALYSIS_COLUMNS
 from dataopt.stages import run_stage
 
 from conftest import write_signals_project as make_project
-from dataopt.stages.analyze import FLAG_COLUMNS
+from dataopt.analyze import FLAG_COLUMNS
 
 
 def planted_losses(n: int = 2000, rate: float = 0.2, seed: int = 0):

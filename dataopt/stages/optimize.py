@@ -15,13 +15,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 import dataopt.optimize  # noqa: F401  (fills the five registries)
-from dataopt.analyze.base import LazyInputs, arrow_table
+from dataopt.analyze.base import LazyInputs
 from dataopt.config import Params
 from dataopt.errors import DataError
 from dataopt.io import load_npy, write_json, write_parquet
-from dataopt.optimize.plan import compose, stats, step_metrics
+from dataopt.optimize.plan import optimize
 from dataopt.paths import Paths
-from dataopt.schema import PLAN_COLUMNS, TRAIN, require
+from dataopt.schema import TRAIN, require
 from dataopt.stages.analyze import load_train
 
 INPUTS = ("ingest/samples.parquet", "embed/embeddings.npy", "perceive/signals.parquet",
@@ -33,6 +33,8 @@ PARAMS = ("seed", "optimize")
 INPUT_NAMES = ("sample_id", "labels", "n_classes", "class_counts", "signals", "embeddings",
                "test_embeddings", "text_embeddings", "analysis", "p_clean", "probs", "knn")
 
+
+# ----------------------------------------------------------------------------- reading the inputs
 
 def _aligned(path, ids_file: np.ndarray, ids: np.ndarray, stage: str) -> None:
     if ids_file.shape != ids.shape or not np.array_equal(ids_file, ids):
@@ -116,58 +118,11 @@ def _inputs(paths: Paths) -> tuple[LazyInputs, np.ndarray, np.ndarray]:
     return LazyInputs(loaders, "optimize"), ids, labels
 
 
-def run(params: Params, paths: Paths) -> dict[str, Any]:
-    cfg = params.optimize
-    inputs, ids, labels = _inputs(paths)
-    simple = cfg.steps is None
-    plan = compose(cfg.plan_steps(), inputs, labels, params.seed, numbered=not simple)
-    n = ids.size
-    write_parquet(paths.stage("optimize") / "plan.parquet", arrow_table(PLAN_COLUMNS, {
-        "sample_id": ids,
-        "keep": plan.keep,
-        "weight": plan.weight,
-        "sampling_weight": plan.sampling_weight,
-        "augment_magnitude": plan.augment_magnitude,
-        "new_label": plan.new_label,
-        "reason": plan.reason,
-    }))
+# ----------------------------------------------------------------------------- running
 
-    keep = plan.keep
-    classes, inv = np.unique(labels, return_inverse=True)
-    share = np.bincount(inv, weights=keep.astype(np.float64)) / np.bincount(inv)
-    n_kept = int(keep.sum())
-    n_relabelled = int((keep & (plan.new_label != labels)).sum())
-    weight = stats(plan.weight[keep])
-    summary: dict[str, Any] = {}
-    if simple:  # the backbone's keys, kept for the simple form
-        summary.update({"method": cfg.method, "kwargs": plan.steps[0]["params"], "ratio": cfg.ratio,
-                        "weighting": cfg.weighting, "weighting_kwargs": plan.steps[1]["params"]})
-    summary.update({
-        "n_train": int(n),
-        "n_kept": n_kept,
-        "kept_share": n_kept / n,
-        "kept_share_per_class": dict(zip(map(str, classes.tolist()), share.tolist())),
-        "n_relabelled": n_relabelled,
-        "weight": weight,
-        "sampling_weight": stats(plan.sampling_weight[keep]),
-        "augment_magnitude": stats(plan.augment_magnitude[keep]),
-        "train": plan.train,
-        "augment": plan.augment,
-        "steps": plan.steps,
-        "inputs": inputs.loaded(),
-    })
-    write_json(paths.stage("optimize") / "plan.json", summary)
-    policies = [v["policy"] for v in plan.augment.values()]
-    return {
-        "n_kept": n_kept,
-        "kept_share": n_kept / n,
-        "mean_weight": weight["mean"],
-        "mean_sampling_weight": summary["sampling_weight"]["mean"],
-        "mean_augment_magnitude": summary["augment_magnitude"]["mean"],
-        "n_relabelled": n_relabelled,
-        "n_steps": len(plan.steps),
-        "steps": " -> ".join(f"{s['family']}:{s['method']}" for s in plan.steps),
-        "augment_policy": "+".join(policies) or "none",
-        "train_directives": ",".join(sorted(plan.train)) or "none",
-        **step_metrics(plan.steps),
-    }
+def run(params: Params, paths: Paths) -> dict[str, Any]:
+    inputs, ids, labels = _inputs(paths)
+    res = optimize(params.optimize, inputs, ids, labels, params.seed)
+    write_parquet(paths.stage("optimize") / "plan.parquet", res.table)
+    write_json(paths.stage("optimize") / "plan.json", res.summary)
+    return res.metrics
