@@ -248,7 +248,7 @@ def test_file_stays_under_15_mb_at_50k_rows(tmp_path: Path):
 def test_unthinned_when_it_fits_and_an_error_when_nothing_fits(tmp_path: Path):
     src = _perceived_project(tmp_path / "src", n=400, epochs=6)
     noise.save_dynamics(src.root, tmp_path / "a_s0.npz", {"label_column": "a", "seed": 0})
-    meta, _ = noise.saved_inputs(tmp_path / "a_s0.npz")
+    _, meta = noise.saved_inputs(tmp_path / "a_s0.npz")
     assert meta["dynamics_epochs"] == [1, 2, 3, 4, 5, 6]
     with pytest.raises(ValueError, match="over 0.0 MB even with the dynamics of"):
         noise.save_dynamics(src.root, tmp_path / "b_s0.npz", {"label_column": "b", "seed": 0}, max_bytes=1000)
@@ -301,10 +301,10 @@ def test_dynamic_bench_chooses_the_variant_on_the_val_half_and_reports_the_heldo
 def test_saved_dynamics_reader_names_a_missing_file_and_a_foreign_format(tmp_path: Path):
     from common import read_dynamics
 
-    with pytest.raises(SystemExit, match=r"nope_s0\.npz not found \(write it with bench/noise\.py"):
+    with pytest.raises(SystemExit, match=r"nope_s0\.npz not found: .* regenerate it with python bench/noise\.py"):
         read_dynamics(tmp_path / "nope_s0.npz")
     np.savez(tmp_path / "old_s0.npz", meta=np.array(json.dumps({"format": 0})), label=np.zeros(3))
-    with pytest.raises(SystemExit, match=r"old_s0\.npz: dynamics format 0 is not 1; re-save it"):
+    with pytest.raises(SystemExit, match=r"old_s0\.npz: dynamics format 0 is not 1; regenerate it with python bench/noise\.py"):
         read_dynamics(tmp_path / "old_s0.npz")
     np.savez(tmp_path / "ok_s0.npz", meta=np.array(json.dumps({"format": 1, "n": 3})), label=np.arange(3))
     meta, arrays = read_dynamics(tmp_path / "ok_s0.npz")
