@@ -16,11 +16,14 @@ Parts (``--parts``):
   adaaugment on clean labels: flip+crop only vs + RandAugment vs + TrivialAugmentWide vs + AdaAugment
 
 The density_consistency signals come from a K-fold (--proxy-folds) out-of-fold proxy run of the same
-network on the same labels: semantic consistency = out-of-fold probability of the label (no text tower
-on CIFAR here), and kNN density = mean Euclidean distance to the 10 nearest neighbours of the
-L2-normalised penultimate features (faiss). The same proxy run gives the early losses and probabilities
-of the curated pipeline, unless ``--proxy-dynamics`` names a saved out-of-fold run (``bench/noise.py
---save-dynamics``, e.g. the H100 airbench run in bench/dynamics): then the analysis reads that run's
+network and recipe as the evaluated models, on the same labels (:meth:`Bench.proxy`; not the perceive
+stage's ``OOFDynamics``, whose folds, seeds and optimiser differ): the library's ``SIGNALS``
+``semantic_consistency`` (no text tower on CIFAR here: the out-of-fold probability of the label) and
+``knn_density`` (mean Euclidean distance to the 10 nearest neighbours of the L2-normalised penultimate
+features, faiss). The same proxy run gives the early losses and probabilities the curated part's
+analysis (the library's detector and gate) reads, unless ``--proxy-dynamics`` names a saved
+out-of-fold run (``bench/noise.py --save-dynamics``, e.g. the H100 airbench run in bench/dynamics,
+git-ignored: bench/README.md has the command that writes it): then the analysis reads that run's
 probabilities and losses for the same rows, and only the trained models are this run's.
 
 Examples

@@ -1,8 +1,10 @@
 """Static selection on CIFAR-10(N): every selector vs a random subset of the same size, head on embeddings.
 
 Per label column (clean ``label`` or CIFAR-10N ``random_label1``) a temporary project runs the
-project's own stages once: ingest -> embed -> perceive (out-of-fold head) -> analyze. Then, per
-selector, ratio and seed, the selector is fitted directly on those artifacts and a
+project's own stages once: ingest -> embed -> perceive (out-of-fold head), then the library's analysis
+(:func:`dataopt.analyze.analyze`) on the perceived signals, or on those of a saved GPU run
+(``--dynamics``, substituted in memory). Then, per selector, ratio and seed, the selector is fitted
+directly on those inputs and a
 ``dataopt.train.nets.Head`` is trained with ``dataopt.train.loop.fit`` on the kept train embeddings;
 the score is the accuracy on the CIFAR-10 test split (clean labels). With ``--eval-model airbench`` the
 score comes instead from the airbench CNN trained on the kept images for ``--eval-epochs`` epochs, the

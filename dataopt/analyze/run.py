@@ -109,8 +109,8 @@ def detect_label_issues(detector: Any, cfg: Any, signals: pd.DataFrame, labels: 
 
 def analyze(signals: pd.DataFrame, probs: np.ndarray, knn_distances: np.ndarray, cfg: Any, seed: int,
             knn_indices: Optional[np.ndarray] = None, label_names: Optional[dict[int, str]] = None,
-            label_clean: Optional[np.ndarray] = None, embeddings: Optional[np.ndarray] = None
-            ) -> AnalysisResult:
+            label_clean: Optional[np.ndarray] = None, embeddings: Optional[np.ndarray] = None,
+            embedding_rows: Optional[np.ndarray] = None) -> AnalysisResult:
     """Fit ``cfg.detector`` and flag label issues, outliers and near duplicates.
 
     Parameters
@@ -123,7 +123,9 @@ def analyze(signals: pd.DataFrame, probs: np.ndarray, knn_distances: np.ndarray,
     label_names : label -> class name (default: the label itself)
     label_clean : (n,) float known clean labels (NaN = unknown), or None: detection is scored on the
         known rows
-    embeddings : (n, d) train-row embeddings for the projection plot, or None (no projection)
+    embeddings : (N, d) embeddings for the projection plot (only the plotted rows are read, so it may
+        be memory-mapped), or None (no projection); embedding_rows : (n,) the row of ``embeddings``
+        of each train row (default: row i is train row i)
 
     Returns
     -------
@@ -238,8 +240,9 @@ def analyze(signals: pd.DataFrame, probs: np.ndarray, knn_distances: np.ndarray,
         "class_names": class_names, "transition_matrix": cl.transition_matrix_,
     }
     if embeddings is not None:
-        pick = report.subsample(len(embeddings), cfg.plot_points, seed)
-        plots.update({"xy": report.projection(np.asarray(embeddings[pick], dtype=np.float64)),
+        pick = report.subsample(labels.size, cfg.plot_points, seed)
+        rows = pick if embedding_rows is None else np.asarray(embedding_rows)[pick]
+        plots.update({"xy": report.projection(np.asarray(embeddings[rows], dtype=np.float64)),
                       "category": report.flag_category(is_issue, is_outlier, is_dup)[pick],
                       "sample_id": sample_id[pick]})
     return AnalysisResult(table=table, summary=summary, metrics=metrics, plots=plots)

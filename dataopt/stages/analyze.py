@@ -121,7 +121,8 @@ def _read(params: Params, paths: Paths) -> dict[str, Any]:
         "knn_distances": knn["distances"],
         "label_names": names,
         "label_clean": samples["label_clean"].astype("float64").to_numpy(),
-        "embeddings": emb[samples["row"].to_numpy()],
+        "embeddings": emb,  # memory-mapped, all rows: analyze reads the plotted train rows only
+        "embedding_rows": samples["row"].to_numpy(),
     }
 
 
