@@ -45,13 +45,20 @@ RECIPES = {
 }
 
 
-def read_dynamics(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """The meta (JSON) and the arrays of a ``bench/noise.py --save-dynamics`` file; a missing file or
-    one of another format exits with one line naming it and the command that writes it."""
+def require_dynamics(path: Path) -> Path:
+    """``path``, or an exit with one line naming the command that writes it when it is absent (scripts
+    call it before their long parts, so a missing file stops them at once)."""
     path = Path(path)
     if not path.exists():
         raise SystemExit(f"{path} not found: bench/dynamics/ is not in git; regenerate it with "
                          f"{REGENERATE_DYNAMICS}")
+    return path
+
+
+def read_dynamics(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """The meta (JSON) and the arrays of a ``bench/noise.py --save-dynamics`` file; a missing file or
+    one of another format exits with one line naming it and the command that writes it."""
+    path = require_dynamics(path)
     with np.load(path, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     meta = json.loads(str(arrays.pop("meta")))

@@ -57,7 +57,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import RECIPES, argument_parser, dynamics_file, read_dynamics, saved_dynamics, stratified_subset  # noqa: E402
+from common import (RECIPES, argument_parser, dynamics_file, read_dynamics, require_dynamics,  # noqa: E402
+                    saved_dynamics, stratified_subset)
 from dataopt.perceive import SignalInputs  # noqa: E402
 from dataopt.registry import DYNAMIC_SELECTORS, SELECTORS, load_plugins  # noqa: E402
 from dataopt.train import loop  # noqa: E402
@@ -331,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     load_plugins()
     from dataopt.io import write_json
 
+    if args.proxy_dynamics is not None:  # before hours of training, not after
+        require_dynamics(dynamics_file(args.proxy_dynamics, "random_label1", 0))
     t_start = time.perf_counter()
     bench = Bench(args)
     dev = bench.device.type

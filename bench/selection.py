@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from common import RECIPES, argument_parser, dynamics_file, read_dynamics, stratified_subset
+from common import RECIPES, argument_parser, dynamics_file, read_dynamics, require_dynamics, stratified_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SELECTORS = ["random", "herding", "kcenter", "moderate", "el2n_easy", "el2n_hard",
@@ -412,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import dataopt.optimize  # noqa: F401
 
+    for col in args.label_columns if args.dynamics is not None else ():
+        require_dynamics(dynamics_file(args.dynamics, col, 0))  # before the stages run
     train = pq.read_table(args.data / "train.parquet")
     subset = stratified_subset(train.column("label").to_numpy(), args.n, seed=0)
     with tempfile.TemporaryDirectory(prefix="dataopt_selection_") as tmp:
