@@ -29,20 +29,62 @@ def dynamics_file(directory: Path, label_column: str, seed: int) -> Path:
 
 DYNAMICS_FORMAT = 1  # of the files bench/noise.py --save-dynamics writes
 
+# the command that writes bench/dynamics/ (git-ignored: the out-of-fold dynamics of the README's H100
+# airbench run); bench/README.md documents it, and every reader of a missing file names it
+REGENERATE_DYNAMICS = (
+    "python bench/noise.py --n 0 --seeds 2 --label-columns random_label1 aggre_label --perceive-model airbench "
+    "--width 64 --epochs 12 --folds 4 --augment flip_crop --label-smoothing 0.2 --batch-size 1024 --lr 1.5 "
+    "--weight-decay 0.00133 --device cuda --save-dynamics bench/dynamics --skip-analysis"
+)
+
+# optimiser recipes of the benchmarks' evaluation networks: airbench94's, and the head's (the airbench
+# learning rate makes a head on pixel-PCA features diverge)
+RECIPES = {
+    "airbench": {"batch_size": 1024, "lr": 1.5, "momentum": 0.85, "weight_decay": 0.00133, "label_smoothing": 0.2},
+    "head": {"batch_size": 256, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "label_smoothing": 0.0},
+}
+
+
+def require_dynamics(path: Path) -> Path:
+    """``path``, or an exit with one line naming the command that writes it when it is absent (scripts
+    call it before their long parts, so a missing file stops them at once)."""
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"{path} not found: bench/dynamics/ is not in git; regenerate it with "
+                         f"{REGENERATE_DYNAMICS}")
+    return path
+
 
 def read_dynamics(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     """The meta (JSON) and the arrays of a ``bench/noise.py --save-dynamics`` file; a missing file or
-    one of another format exits with a message naming it."""
-    path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"{path} not found (write it with bench/noise.py --save-dynamics)")
+    one of another format exits with one line naming it and the command that writes it."""
+    path = require_dynamics(path)
     with np.load(path, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     meta = json.loads(str(arrays.pop("meta")))
     if meta.get("format") != DYNAMICS_FORMAT:
         raise SystemExit(f"{path}: dynamics format {meta.get('format')} is not {DYNAMICS_FORMAT}; "
-                         "re-save it with bench/noise.py --save-dynamics")
+                         f"regenerate it with {REGENERATE_DYNAMICS}")
     return meta, arrays
+
+
+DYN_FLOAT16 = ("loss", "margin", "logit_margin", "error_norm", "feature_norm", "center_distance")
+
+
+def saved_dynamics(meta: dict, arrays: dict[str, np.ndarray]):
+    """The :class:`dataopt.perceive.Dynamics` of a :func:`read_dynamics` file: ``DYN_FLOAT16`` arrays
+    from their float16 planes, ``p_label`` as ``exp(-loss)``, only the epochs kept
+    (``meta["dynamics_epochs"]``). Files saved before ``center_distance`` existed give it as NaN; any
+    other missing array is a KeyError."""
+    from dataopt.perceive import Dynamics
+
+    n, E = int(meta["n"]), len(meta["dynamics_epochs"])  # E < epochs_completed when thinned
+    d = arrays
+    dyn16 = {name: np.full((E, n), np.nan, np.float32) if name == "center_distance" and name not in d
+             else unshuffle16(d[name], (E, n)) for name in DYN_FLOAT16}
+    return Dynamics(sample_id=d["sample_id"].astype(np.int64), fold=d["fold"].astype(np.int64),
+                    p_label=np.exp(-dyn16["loss"]), correct=np.unpackbits(d["correct"], axis=1, count=n).astype(bool),
+                    probs=d["probs"], epochs_completed=E, epochs_per_fold=d["epochs_per_fold"], **dyn16)
 
 
 def unshuffle16(planes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

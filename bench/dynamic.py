@@ -16,11 +16,14 @@ Parts (``--parts``):
   adaaugment on clean labels: flip+crop only vs + RandAugment vs + TrivialAugmentWide vs + AdaAugment
 
 The density_consistency signals come from a K-fold (--proxy-folds) out-of-fold proxy run of the same
-network on the same labels: semantic consistency = out-of-fold probability of the label (no text tower
-on CIFAR here), and kNN density = mean Euclidean distance to the 10 nearest neighbours of the
-L2-normalised penultimate features (faiss). The same proxy run gives the early losses and probabilities
-of the curated pipeline, unless ``--proxy-dynamics`` names a saved out-of-fold run (``bench/noise.py
---save-dynamics``, e.g. the H100 airbench run in bench/dynamics): then the analysis reads that run's
+network and recipe as the evaluated models, on the same labels (:meth:`Bench.proxy`; not the perceive
+stage's ``OOFDynamics``, whose folds, seeds and optimiser differ): the library's ``SIGNALS``
+``semantic_consistency`` (no text tower on CIFAR here: the out-of-fold probability of the label) and
+``knn_density`` (mean Euclidean distance to the 10 nearest neighbours of the L2-normalised penultimate
+features, faiss). The same proxy run gives the early losses and probabilities the curated part's
+analysis (the library's detector and gate) reads, unless ``--proxy-dynamics`` names a saved
+out-of-fold run (``bench/noise.py --save-dynamics``, e.g. the H100 airbench run in bench/dynamics,
+git-ignored: bench/README.md has the command that writes it): then the analysis reads that run's
 probabilities and losses for the same rows, and only the trained models are this run's.
 
 Examples
@@ -42,6 +45,7 @@ import io
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -53,8 +57,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import argument_parser, stratified_subset  # noqa: E402
-from dataopt.registry import DYNAMIC_SELECTORS, load_plugins  # noqa: E402
+from common import (RECIPES, argument_parser, dynamics_file, read_dynamics, require_dynamics,  # noqa: E402
+                    saved_dynamics, stratified_subset)
+from dataopt.perceive import SignalInputs  # noqa: E402
+from dataopt.registry import DYNAMIC_SELECTORS, SELECTORS, load_plugins  # noqa: E402
 from dataopt.train import loop  # noqa: E402
 from dataopt.train.nets import AirbenchNet, Head  # noqa: E402
 
@@ -109,14 +115,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
-
-
-# airbench94's recipe; the head's is the one the selection benchmark and the perceive head use (the
-# airbench learning rate makes a head on pixel-PCA features diverge)
-RECIPES = {
-    "airbench": {"batch_size": 1024, "lr": 1.5, "momentum": 0.85, "weight_decay": 0.00133, "label_smoothing": 0.2},
-    "head": {"batch_size": 256, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "label_smoothing": 0.0},
-}
 
 
 def decode(path: Path, n: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -229,14 +227,12 @@ class Bench:
 def saved_proxy(directory: Path, label_column: str, y: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
     """:meth:`Bench.proxy`'s outputs (no features) for the first ``len(y)`` training rows, read from a
     ``bench/noise.py --save-dynamics`` file (all 50,000 rows, train.parquet order), and its meta."""
-    from common import dynamics_file, read_dynamics, unshuffle16
-
     path = dynamics_file(directory, label_column, 0)
     meta, z = read_dynamics(path)
     n = len(y)
     if int(meta["n"]) < n or not np.array_equal(z["label"][:n], y):
         raise SystemExit(f"--proxy-dynamics: {path} does not hold these {n} rows' {label_column} labels")
-    loss = unshuffle16(z["loss"], (len(meta["dynamics_epochs"]), int(meta["n"])))[:, :n]
+    loss = saved_dynamics(meta, z).loss[:, :n]
     proxy = {"loss": np.ascontiguousarray(loss), "probs": z["probs"][:n].astype(np.float32),
              "features": None, "fold": z["fold"][:n].astype(np.int64)}
     about = {"file": str(path), "network": meta.get("network"), "device": meta.get("gpu") or meta.get("device"),
@@ -260,32 +256,42 @@ def dc_variant(text: str) -> tuple[str, float, float]:
 
 
 def density_consistency_signals(proxy: dict[str, np.ndarray], y: np.ndarray, k: int = 10):
-    """The two columns density_consistency reads, computed as the perceive stage does."""
+    """The two signals density_consistency reads, by the library's ``SIGNALS``: ``knn_density`` over the
+    kNN graph of the L2-normalised proxy features (faiss), and ``semantic_consistency`` in its no-text
+    form, the out-of-fold probability of the label (the signal reads it from the perceive dynamics as
+    ``p_label`` of the last epoch; the proxy's final probabilities are the same numbers)."""
     import pandas as pd
     from dataopt.embed.knn import knn_graph
+    from dataopt.registry import SIGNALS
 
     z = proxy["features"].astype(np.float32)
     z /= np.linalg.norm(z, axis=1, keepdims=True).clip(1e-12)
     _, dist, info = knn_graph(z, k, metric="l2", exact_max=len(z), use_gpu=False)
-    return pd.DataFrame({"knn_density": dist.astype(np.float64).mean(1),
-                         "semantic_consistency": proxy["probs"][np.arange(len(y)), y].astype(np.float64)}), info
+    density = SIGNALS.build("knn_density").fit(SignalInputs(labels=y, knn_distances=dist)).values_
+    last = SimpleNamespace(p_label=proxy["probs"][np.arange(len(y)), y][None])  # the dynamics it reads
+    consistency = SIGNALS.build("semantic_consistency").fit(SignalInputs(labels=y, dynamics=last)).values_
+    return pd.DataFrame({"knn_density": density, "semantic_consistency": consistency}), info
 
 
 def p_clean_gated(proxy: dict[str, np.ndarray], y: np.ndarray, early: int, detector: str) -> tuple[np.ndarray, dict]:
-    """Analysis as the analyze stage does it, on the proxy run: ``gmm`` (a two-component GMM on the
-    normalised mean early out-of-fold loss, the stage's default) or ``calibrated_confidence`` (on the
-    out-of-fold probabilities), then the stage's agreement gate (out-of-fold argmax == label -> clean)."""
-    from dataopt.analyze.base import agreement_gate
+    """The analysis of the library on the proxy run: the ``DETECTORS`` method ``detector`` (``gmm``: a
+    two-component GMM on the normalised mean early out-of-fold loss, the analyze stage's default;
+    ``calibrated_confidence``: on the out-of-fold probabilities), then the analyze stage's agreement
+    gate (:func:`dataopt.analyze.detect_label_issues`; out-of-fold argmax == label -> clean)."""
+    import pandas as pd
+    from dataopt.analyze import detect_label_issues
+    from dataopt.analyze.base import LazyInputs, fit_method
+    from dataopt.config import AnalyzeParams
+    from dataopt.registry import DETECTORS
 
-    if detector == "gmm":
-        from dataopt.analyze.mixture import GaussianLossMixture
-
-        det = GaussianLossMixture().fit(proxy["loss"][:early].mean(0))
-    else:
-        from dataopt.analyze.confident import CalibratedConfidence
-
-        det = CalibratedConfidence().fit(proxy["probs"], y)
-    p, _ = agreement_gate(det.p_clean_, proxy["probs"].argmax(1), y)
+    inputs = LazyInputs({"loss": lambda: proxy["loss"][:early].mean(0), "probs": lambda: proxy["probs"],
+                         "labels": lambda: y}, "bench")
+    # seeded as the analyze stage seeds it (unseeded, sklearn's GMM drew its k-means start from numpy's
+    # global generator, so the gmm runs were not repeatable)
+    det = fit_method(DETECTORS.build(detector, random_state=0), inputs)
+    found = detect_label_issues(det, AnalyzeParams(detector=detector, gate="agreement"),
+                                pd.DataFrame({"pred_label": proxy["probs"].argmax(1)}), y)
+    p = found["p_clean"]
     return p, {"detector_noise_rate": float(det.noise_rate_), "flagged": int((p < 0.5).sum())}
 
 
@@ -326,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     load_plugins()
     from dataopt.io import write_json
 
+    if args.proxy_dynamics is not None:  # before hours of training, not after
+        require_dynamics(dynamics_file(args.proxy_dynamics, "random_label1", 0))
     t_start = time.perf_counter()
     bench = Bench(args)
     dev = bench.device.type
@@ -399,8 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         info["detector"] = args.curate_detector
         info["proxy_oof_accuracy"] = float((proxy["probs"].argmax(1) == y).mean())
         truth_noisy = y != bench.labels["clean"]
-        keep = np.flatnonzero(p_clean >= 0.5)
-        flagged = p_clean < 0.5
+        # the plan: the noise_filter selector (p_clean >= 0.5); its complement is what relabel changes
+        keep_mask = SELECTORS.build("noise_filter", {"threshold": 0.5}).fit(labels=y, p_clean=p_clean).keep_
+        keep, flagged = np.flatnonzero(keep_mask), ~keep_mask
         relabelled = y.copy()
         relabelled[flagged] = proxy["probs"].argmax(1)[flagged]  # the suggested label (relabel perturber)
         plain = [bench.train(y, s, args.epochs) for s in seeds]

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from common import (DYNAMICS_FORMAT, argument_parser, dynamics_file, read_dynamics, stratified_subset,
-                    unshuffle16)
+from common import (DYN_FLOAT16, DYNAMICS_FORMAT, REGENERATE_DYNAMICS, argument_parser, dynamics_file,
+                    read_dynamics, stratified_subset)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,50 +157,60 @@ def perceive_project(args: argparse.Namespace, label_column: str, seed: int, sub
     return root, meta
 
 
-def analyse(root: Path, seed: int, meta: dict[str, Any]) -> dict[str, Any]:
-    """Run the analyze stage once per detector (and gate) and cleanlab on a perceived project at
-    ``root``; one run record: metrics per method, the true noise rate, the proxy's accuracy and
-    ``dynamics`` (the meta of the proxy run that produced the probabilities)."""
+def project_inputs(root: Path) -> dict[str, Any]:
+    """What :func:`analyse` reads, from a project at ``root`` that ran ingest, embed and perceive."""
     import pandas as pd
 
-    from dataopt.config import validate
-    from dataopt.paths import Paths
-    from dataopt.registry import DETECTORS
-    from dataopt.stages import run_stage
-
-    paths = Paths.at(root)
-    samples = pd.read_parquet(root / "artifacts" / "ingest" / "samples.parquet")
+    art = root / "artifacts"
+    samples = pd.read_parquet(art / "ingest" / "samples.parquet")
     samples = samples[samples["split"] == "train"]
-    labels = samples["label"].to_numpy(np.int64)
-    truth = labels != samples["label_clean"].to_numpy(np.int64)
-    with np.load(root / "artifacts" / "perceive" / "dynamics.npz") as z:
-        probs = z["probs"].astype(np.float64)
-    probs /= probs.sum(axis=1, keepdims=True)  # float32 storage: renormalise for cleanlab's checks
+    with np.load(art / "perceive" / "dynamics.npz") as z:
+        probs = z["probs"]
+    with np.load(art / "embed" / "knn.npz") as z:
+        knn_indices, knn_distances = z["indices"], z["distances"]
+    return {"signals": pd.read_parquet(art / "perceive" / "signals.parquet"), "probs": probs,
+            "knn_indices": knn_indices, "knn_distances": knn_distances,
+            "label_clean": samples["label_clean"].to_numpy(np.int64)}
+
+
+def analyse(inputs: dict[str, Any], seed: int, meta: dict[str, Any]) -> dict[str, Any]:
+    """:func:`dataopt.analyze.analyze` once per detector (and gate), and cleanlab, on the same
+    out-of-fold probabilities and signals (``inputs``: :func:`project_inputs` or :func:`saved_inputs`);
+    one run record: metrics per method, the true noise rate, the proxy's accuracy and ``dynamics``
+    (the meta of the proxy run that produced the probabilities)."""
+    from dataopt.analyze import analyze
+    from dataopt.analyze.confident import check_probs
+    from dataopt.config import AnalyzeParams
+    from dataopt.registry import DETECTORS
+
+    signals = inputs["signals"]
+    labels = signals["label"].to_numpy(np.int64)
+    clean = inputs["label_clean"]
+    truth = labels != clean
+    probs = check_probs(inputs["probs"], labels)[0]
     methods: dict[str, Any] = {}
     for det in DETECTORS.names():
         for gate in ("agreement", "none") if det in ("gmm", "bmm") else ("agreement",):
-            params = validate({"seed": seed, "tracking": {"enabled": False},
-                               "analyze": {"detector": det, "gate": gate}})
             t0 = time.perf_counter()
-            run_stage("analyze", params, paths)
-            a = pd.read_parquet(root / "artifacts" / "analyze" / "analysis.parquet")
-            est = json.loads((root / "artifacts" / "analyze" / "analysis.json").read_text())[
-                "estimated_noise_rate"]
+            res = analyze(signals, probs, inputs["knn_distances"], AnalyzeParams(detector=det, gate=gate), seed,
+                          knn_indices=inputs["knn_indices"])
             name = det if gate == "agreement" else f"{det}_nogate"
-            methods[name] = {**metrics(truth, a["is_label_issue"].to_numpy(),
-                                       a["label_issue_score"].to_numpy(), est),
+            methods[name] = {**metrics(truth, res.table.column("is_label_issue").to_numpy(),
+                                       res.table.column("label_issue_score").to_numpy(),
+                                       res.summary["estimated_noise_rate"]),
                              "seconds": round(time.perf_counter() - t0, 2)}
+    probs = probs.copy()
+    probs /= probs.sum(axis=1, keepdims=True)  # float32 storage: renormalise for cleanlab's checks
     methods.update(run_cleanlab(labels, probs, truth))
     return {"seed": seed, "n": int(len(labels)), "true_noise_rate": float(truth.mean()),
             "oof_accuracy": float(meta["oof_accuracy"]), "oof_accuracy_vs_clean": float(
-                (probs.argmax(1) == samples["label_clean"].to_numpy()).mean()),
+                (probs.argmax(1) == clean).mean()),
             "seconds": meta.get("seconds", {}), "dynamics": meta, "methods": methods}
 
 
 # --- saved dynamics -------------------------------------------------------------------------------
 
 MAX_BYTES = 15_000_000  # the device returns files up to 16 MiB, 64 MiB together
-DYN_FLOAT16 = ("loss", "margin", "logit_margin", "error_norm", "feature_norm", "center_distance")
 
 
 def _shuffle16(a: np.ndarray) -> np.ndarray:
@@ -226,13 +236,13 @@ def save_dynamics(root: Path, dest: Path, meta: dict[str, Any], max_bytes: int =
       wrote them (analyze and cleanlab read these), ``correct`` bit-packed (E, n), and ``loss``,
       ``margin``, ``logit_margin``, ``error_norm``, ``feature_norm``, ``center_distance`` as float16
       byte planes
-      (ranking precision; ``p_label`` is restored as ``exp(-loss)``);
+      (ranking precision; ``p_label`` is restored as ``exp(-loss)``: ``common.saved_dynamics``);
     - ``sig/<column>``: every signals.parquet column, losslessly: float64 as float32 where that is
       exact, integers in the smallest integer type that holds them;
     - ``knn_indices`` (n, k) uint16 (int32 above 65,536 rows), ``knn_distances`` (n, k) float16 (only
       the outlier and near-duplicate flags read them);
-    - ``projection`` (n, 2) float16: the embeddings' top two principal components, standing in for
-      embeddings.npy, which analyze reads only for its projection plot.
+    - ``projection`` (n, 2) float16: the embeddings' top two principal components (for a projection
+      plot; the analysis here does not draw one).
 
     The per-epoch arrays are the only part that grows with the epochs (~0.37 MB per epoch at
     n = 50,000 beside ~9-11 MB for the rest). When the file would exceed ``max_bytes`` they are kept
@@ -327,51 +337,21 @@ def save_dynamics(root: Path, dest: Path, meta: dict[str, Any], max_bytes: int =
                      f"dynamics of {len(epochs)} epochs")
 
 
-def restore_project(src: Path, root: Path) -> dict[str, Any]:
-    """Rebuild the artifacts analyze reads (ingest/samples.parquet, embed/{embeddings.npy, knn.npz},
-    perceive/{dynamics.npz, signals.parquet}) under ``root`` from a :func:`save_dynamics` file.
-
-    The detectors see exactly the saved signals and probabilities; the embeddings are the stored 2-D
-    projection and the kNN distances float16, which only the plots and the outlier / near-duplicate
-    flags read. Returns the file's meta."""
-    from dataopt.io import save_npy, save_npz, write_parquet
-    from dataopt.paths import Paths
-    from dataopt.perceive import Dynamics
+def saved_inputs(src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What :func:`analyse` reads, from a :func:`save_dynamics` file: exactly the saved signals and
+    probabilities (the kNN distances float16, which only the outlier / near-duplicate flags read);
+    and the file's meta."""
+    import pandas as pd
 
     meta, d = read_dynamics(src)
-    paths = Paths.at(root)
-    n, E = int(meta["n"]), len(meta["dynamics_epochs"])  # E < epochs_completed when thinned
-    sid = d["sample_id"].astype(np.int64)
-    labels = d["label"].astype(np.int64)
-    clean = d["label_clean"].astype(np.int64)
-    names = d["class_names"]
-    write_parquet(paths.stage("ingest") / "samples.parquet", pa.table({
-        "sample_id": pa.array(sid, pa.int64()),
-        "split": pa.array(["train"] * n, pa.string()),
-        "label": pa.array(labels, pa.int64()),
-        "label_name": pa.array([str(names[c]) or None for c in labels], pa.string()),
-        "label_clean": pa.array(clean, pa.int64(), mask=clean < 0),
-    }))
-    save_npy(paths.stage("embed") / "embeddings.npy", d["projection"].astype(np.float32))
-    save_npz(paths.stage("embed") / "knn.npz", sample_id=sid, indices=d["knn_indices"].astype(np.int64),
-             distances=d["knn_distances"].astype(np.float32))
-    # files saved before center_distance existed lack it (and its signal): restored as NaN; any other
-    # missing array is an error
-    dyn16 = {name: np.full((E, n), np.nan, np.float32) if name == "center_distance" and name not in d
-             else unshuffle16(d[name], (E, n)) for name in DYN_FLOAT16}
-    Dynamics(sample_id=sid, fold=d["fold"].astype(np.int64), p_label=np.exp(-dyn16["loss"]),
-             correct=np.unpackbits(d["correct"], axis=1, count=n).astype(bool),
-             probs=d["probs"], epochs_completed=E, epochs_per_fold=d["epochs_per_fold"],
-             **dyn16).save(paths.stage("perceive") / "dynamics.npz")
-    types = {"double": pa.float64(), "int64": pa.int64(), "bool": pa.bool_()}
-    stored = {"sample_id": sid, "label": labels}
-    table = pa.table({name: pa.array(np.asarray(stored[name] if name in stored else d[f"sig/{name}"],
-                                                types[t].to_pandas_dtype()), types[t])
-                      for name, t in meta["signal_columns"].items()})
-    table = table.replace_schema_metadata({k.encode(): v.encode()
-                                           for k, v in meta["signal_metadata"].items()})
-    write_parquet(paths.stage("perceive") / "signals.parquet", table)
-    return {k: v for k, v in meta.items() if k not in ("signal_columns", "signal_metadata", "format")}
+    stored = {"sample_id": d["sample_id"].astype(np.int64), "label": d["label"].astype(np.int64)}
+    dtypes = {"double": np.float64, "int64": np.int64, "bool": bool}
+    signals = pd.DataFrame({name: np.asarray(stored[name] if name in stored else d[f"sig/{name}"], dtypes[t])
+                            for name, t in meta["signal_columns"].items()})
+    inputs = {"signals": signals, "probs": d["probs"], "knn_indices": d["knn_indices"].astype(np.int64),
+              "knn_distances": d["knn_distances"].astype(np.float32),
+              "label_clean": d["label_clean"].astype(np.int64)}
+    return inputs, {k: v for k, v in meta.items() if k not in ("signal_columns", "signal_metadata", "format")}
 
 
 KEYS = ("auroc", "average_precision", "precision", "recall", "f1", "estimated_noise_rate",
@@ -436,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             seeds = range(args.seed_start, args.seed_start + args.seeds) if from_dyn is None else saved_seeds(from_dyn, col)
             if not seeds:
-                sys.exit(f"bench/noise.py: no {col}_s<seed>.npz in {from_dyn}")
+                sys.exit(f"bench/noise.py: no {col}_s<seed>.npz in {from_dyn}; bench/dynamics/ is not in git: "
+                         f"regenerate it with {REGENERATE_DYNAMICS}")
             for s in seeds:
                 if from_dyn is None:
                     root, meta = perceive_project(args, col, s, subset, train, Path(tmp))
@@ -447,15 +428,15 @@ def main(argv: list[str] | None = None) -> int:
                               f"{meta['oof_accuracy']:.4f})", flush=True)
                     if args.skip_analysis:
                         continue
+                    inputs = project_inputs(root)
                 else:
-                    root = Path(tmp) / f"{col}_s{s}"
-                    meta = restore_project(dynamics_file(from_dyn, col, s), root)
+                    inputs, meta = saved_inputs(dynamics_file(from_dyn, col, s))
                     if meta["label_column"] != col or meta["seed"] != s:
                         sys.exit(f"bench/noise.py: {dynamics_file(from_dyn, col, s)} holds "
                                  f"{meta['label_column']} seed {meta['seed']}")
                     meta = {**meta, "source": f"saved dynamics ({meta['source']} on {meta['machine']})",
                             "file": str(dynamics_file(from_dyn, col, s))}
-                runs.append(analyse(root, s, meta))
+                runs.append(analyse(inputs, s, meta))
             if not runs:  # --skip-analysis
                 continue
             agg = aggregate(runs)

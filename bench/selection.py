@@ -1,8 +1,10 @@
 """Static selection on CIFAR-10(N): every selector vs a random subset of the same size, head on embeddings.
 
 Per label column (clean ``label`` or CIFAR-10N ``random_label1``) a temporary project runs the
-project's own stages once: ingest -> embed -> perceive (out-of-fold head) -> analyze. Then, per
-selector, ratio and seed, the selector is fitted directly on those artifacts and a
+project's own stages once: ingest -> embed -> perceive (out-of-fold head), then the library's analysis
+(:func:`dataopt.analyze.analyze`) on the perceived signals, or on those of a saved GPU run
+(``--dynamics``, substituted in memory). Then, per selector, ratio and seed, the selector is fitted
+directly on those inputs and a
 ``dataopt.train.nets.Head`` is trained with ``dataopt.train.loop.fit`` on the kept train embeddings;
 the score is the accuracy on the CIFAR-10 test split (clean labels). With ``--eval-model airbench`` the
 score comes instead from the airbench CNN trained on the kept images for ``--eval-epochs`` epochs, the
@@ -52,8 +54,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from common import argument_parser, dynamics_file, read_dynamics, stratified_subset
-from dynamic import RECIPES
+from common import RECIPES, argument_parser, dynamics_file, read_dynamics, require_dynamics, stratified_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SELECTORS = ["random", "herding", "kcenter", "moderate", "el2n_easy", "el2n_hard",
@@ -87,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dynamics", type=Path, default=None,
                     help="DIR of bench/noise.py --save-dynamics files: the out-of-fold signals and "
                          "probabilities of DIR/<label_column>_s0.npz (e.g. airbench on a GPU) replace this "
-                         "run's CPU perceive ones for the subset rows before analyze runs")
+                         "run's CPU perceive ones for the subset rows (in memory) before the analysis")
     ap.add_argument("--eval-features", choices=["embeddings", "pixels"], default="embeddings",
                     help="what the evaluation head trains on: the embed stage's embeddings, or pixel-PCA "
                          "features (keeps a trained --embed-backend proxy's knowledge out of the score)")
@@ -156,9 +157,12 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
 
 def prepare(args: argparse.Namespace, label_column: str, subset: np.ndarray, train: pa.Table,
             work: Path) -> dict[str, Any]:
-    """Run ingest -> embed -> perceive -> analyze once; return the selector inputs and test data."""
+    """Run ingest -> embed -> perceive once, then :func:`dataopt.analyze.analyze` on the perceived signals
+    (those of ``--dynamics`` where given); return the selector inputs and test data."""
     import pandas as pd
 
+    from dataopt.analyze import analyze
+    from dataopt.analyze.confident import check_probs
     from dataopt.config import validate
     from dataopt.paths import Paths
     from dataopt.stages import run_stage
@@ -184,19 +188,16 @@ def prepare(args: argparse.Namespace, label_column: str, subset: np.ndarray, tra
     })
     paths = Paths.at(root)
     seconds = {}
-    key: dict[str, Any] = {"n": args.n, "n_test": args.n_test, "seed": params.seed,
-                           "dynamics": str(args.dynamics)}
-    for stage in ("ingest", "embed", "perceive", "analyze"):
+    key: dict[str, Any] = {"n": args.n, "n_test": args.n_test, "seed": params.seed}
+    for stage in ("ingest", "embed", "perceive"):
         key[stage] = params.section(stage)
         marker = paths.stage(stage) / ".bench_key.json"
-        if stage != "analyze" and marker.exists() and json.loads(marker.read_text()) == key:
+        if marker.exists() and json.loads(marker.read_text()) == key:
             print(f"  {label_column}: {stage} reused from {paths.stage(stage)}", flush=True)
             continue
         marker.unlink(missing_ok=True)
         t0 = time.perf_counter()
         run_stage(stage, params, paths)
-        if stage == "perceive" and args.dynamics is not None:
-            use_saved_dynamics(dynamics_file(args.dynamics, label_column, 0), subset, paths)
         seconds[stage] = round(time.perf_counter() - t0, 1)
         marker.write_text(json.dumps(key))
         print(f"  {label_column}: {stage} {seconds[stage]} s", flush=True)
@@ -212,16 +213,28 @@ def prepare(args: argparse.Namespace, label_column: str, subset: np.ndarray, tra
 
         x_eval = PixelsEmbedder(dim=128).fit(images[tr]).transform(images).astype(np.float32)
     signals = pd.read_parquet(art / "perceive" / "signals.parquet")
-    analysis = pd.read_parquet(art / "analyze" / "analysis.parquet")
     labels = samples.loc[tr, "label"].to_numpy(np.int64)
-    clean = samples.loc[tr, "label_clean"].to_numpy(np.int64)
+    with np.load(art / "perceive" / "dynamics.npz") as z:
+        probs = z["probs"]
+    with np.load(art / "embed" / "knn.npz") as z:
+        knn = {k: z[k] for k in ("indices", "distances")}
     text = art / "embed" / "text_embeddings.npy"
+    if args.dynamics is not None:
+        source_rows = subset[samples.loc[tr, "source"].str.extract(r"#row=(\d+)$")[0].astype(int).to_numpy()]
+        signals, probs = saved_signals(dynamics_file(args.dynamics, label_column, 0), source_rows, labels,
+                                       signals, probs, text=text.exists())
+    t0 = time.perf_counter()
+    analysis = analyze(signals, check_probs(probs, labels)[0], knn["distances"], params.analyze, params.seed,
+                       knn_indices=knn["indices"])
+    seconds["analyze"] = round(time.perf_counter() - t0, 1)
+    print(f"  {label_column}: analyze {seconds['analyze']} s", flush=True)
+    clean = samples.loc[tr, "label_clean"].to_numpy(np.int64)
     # test labels straight from test.parquet by the ingest "#row=i" source (independent of ingest)
     test_rows = samples.loc[~tr, "source"].str.extract(r"#row=(\d+)$")[0].astype(int).to_numpy()
     y_test = pq.read_table(root / "test.parquet", columns=["label"]).column("label").to_numpy()
     return {
         "inputs": {"labels": labels, "embeddings": emb[tr], "signals": signals,
-                   "p_clean": analysis["p_clean"].to_numpy(np.float64),
+                   "p_clean": analysis.table.column("p_clean").to_numpy(),
                    "text_embeddings": np.load(text) if text.exists() else None},
         "mislabeled": labels != clean, "x_train": x_eval[tr],
         "x_test": x_eval[~tr], "y_test": y_test[test_rows].astype(np.int64),
@@ -231,39 +244,24 @@ def prepare(args: argparse.Namespace, label_column: str, subset: np.ndarray, tra
     }
 
 
-def use_saved_dynamics(path: Path, subset: np.ndarray, paths) -> None:
-    """Overwrite the out-of-fold perceive outputs of the subset's train rows with those of ``path``
-    (a ``bench/noise.py --save-dynamics`` file over all 50k rows in train.parquet order): the
-    probabilities in perceive/dynamics.npz and every signal column computed from the out-of-fold
-    run (its metadata says "out-of-fold"); embedding signals (kNN, class centre) stay this run's."""
-    import pandas as pd
+def saved_signals(path: Path, rows: np.ndarray, labels: np.ndarray, signals, probs: np.ndarray, text: bool):
+    """This run's signal table and out-of-fold probabilities with the out-of-fold ones replaced by
+    those of ``path`` (a ``bench/noise.py --save-dynamics`` file over all 50k rows in train.parquet
+    order) at ``rows``: every signal the library declares out of fold
+    (:func:`dataopt.perceive.out_of_fold_signals`); embedding signals (kNN, class centre) stay this
+    run's. The stage outputs on disk are left as perceive wrote them."""
+    from dataopt.perceive import out_of_fold_signals
 
-    from dataopt.io import save_npz, write_parquet
-
-    art = paths.artifacts
-    samples = pd.read_parquet(art / "ingest" / "samples.parquet")
-    tr = samples[samples["split"] == "train"]
-    rows = subset[tr["source"].str.extract(r"#row=(\d+)$")[0].astype(int).to_numpy()]
     meta, z = read_dynamics(path)
-    if not np.array_equal(z["label"][rows], tr["label"].to_numpy()):
+    if not np.array_equal(z["label"][rows], labels):
         raise SystemExit(f"{path}: labels differ from this run's ({meta['label_column']}?)")
-    described = json.loads(meta["signal_metadata"]["dataopt.signals"])
-    oof = [c for c, m in described.items() if "out-of-fold" in m["description"]]
-    saved = {c: z[f"sig/{c}"][rows] for c in oof}
-    probs = z["probs"][rows]
-    sig_path = art / "perceive" / "signals.parquet"
-    signals = pq.read_table(sig_path)  # pyarrow keeps the schema's signal metadata
-    for c, v in saved.items():
-        i = signals.schema.get_field_index(c)
-        signals = signals.set_column(i, signals.schema.field(i), pa.array(v).cast(signals.schema.field(i).type))
-    write_parquet(sig_path, signals)
-    dyn_path = art / "perceive" / "dynamics.npz"
-    with np.load(dyn_path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    arrays["probs"] = probs.astype(arrays["probs"].dtype)
-    save_npz(dyn_path, **arrays)
-    print(f"  perceive outputs replaced by {path.name} ({meta.get('network')} on {meta.get('device')}, "
-          f"out-of-fold accuracy {meta.get('oof_accuracy')}): {len(oof)} signals + probs", flush=True)
+    saved = [c for c in out_of_fold_signals(list(signals.columns), text) if f"sig/{c}" in z]
+    signals = signals.copy()
+    for c in saved:
+        signals[c] = z[f"sig/{c}"][rows].astype(signals[c].dtype)
+    print(f"  signals of {path.name} ({meta.get('network')} on {meta.get('device')}, out-of-fold accuracy "
+          f"{meta.get('oof_accuracy')}): {len(saved)} signals + probs", flush=True)
+    return signals, z["probs"][rows].astype(probs.dtype)
 
 
 def parse_selector(spec: str) -> tuple[str, dict[str, Any]]:
@@ -414,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import dataopt.optimize  # noqa: F401
 
+    for col in args.label_columns if args.dynamics is not None else ():
+        require_dynamics(dynamics_file(args.dynamics, col, 0))  # before the stages run
     train = pq.read_table(args.data / "train.parquet")
     subset = stratified_subset(train.column("label").to_numpy(), args.n, seed=0)
     with tempfile.TemporaryDirectory(prefix="dataopt_selection_") as tmp:

@@ -29,7 +29,7 @@ import yaml
 from dataopt import io
 from dataopt.errors import DataError, MissingArtifactError
 from dataopt.paths import Paths
-from dataopt.schema import SAMPLES_COLUMNS, check_columns
+from dataopt.schema import SAMPLES_COLUMNS, TRAIN, check_columns
 
 
 class ContractError(RuntimeError):
@@ -261,6 +261,62 @@ def read_samples(paths: Paths, columns: list[str]) -> dict[str, np.ndarray]:
     check_columns(file, {c: SAMPLES_COLUMNS.get(c, "") for c in columns})
     table = pq.read_table(file, columns=columns)
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
+
+
+def read_train_signals(paths: Paths, signal_columns: dict[str, str]
+                       ) -> tuple[Any, Any, int]:
+    """Train rows of samples.parquet and signals.parquet, checked to be aligned row by row.
+
+    Parameters
+    ----------
+    paths : Paths
+    signal_columns : mapping
+        Columns signals.parquet must have (a DataError names the missing ones).
+
+    Returns
+    -------
+    samples : DataFrame (n_train rows): sample_id, label, label_name, label_clean, and ``row``
+        (the position in samples.parquet, i.e. the row of embeddings.npy)
+    signals : DataFrame (n_train rows), every signal column
+    n_samples : int
+        Rows of samples.parquet (both splits).
+    """
+    samples_path = locate(paths, "ingest/samples.parquet")
+    signals_path = locate(paths, "perceive/signals.parquet")
+    check_columns(signals_path, signal_columns)
+    samples = pq.read_table(
+        samples_path, columns=["sample_id", "split", "label", "label_name", "label_clean"]
+    ).to_pandas()
+    n_samples = len(samples)
+    samples["row"] = np.arange(n_samples)
+    samples = samples[samples["split"] == TRAIN].reset_index(drop=True)
+    signals = pq.read_table(signals_path).to_pandas()
+    ids, sig_ids = samples["sample_id"].to_numpy(), signals["sample_id"].to_numpy()
+    if ids.shape != sig_ids.shape or not np.array_equal(ids, sig_ids):
+        n = min(ids.size, sig_ids.size)
+        first = np.flatnonzero(ids[:n] != sig_ids[:n])
+        where = f"first difference at row {first[0]}" if first.size else "different lengths"
+        raise DataError(
+            f"{signals_path} does not match the {ids.size} train rows of {samples_path} "
+            f"({sig_ids.size} rows, {where}); re-run the perceive stage"
+        )
+    stale = np.flatnonzero(samples["label"].to_numpy() != signals["label"].to_numpy())
+    if stale.size:  # same samples, other labels (e.g. new injected noise): signals are out of date
+        raise DataError(
+            f"{signals_path}: label differs from {samples_path} for {stale.size} train rows "
+            f"(first sample_id {ids[stale[0]]}); re-run the perceive stage"
+        )
+    return samples, signals, n_samples
+
+
+def read_aligned(paths: Paths, path: str, sample_id: np.ndarray) -> dict[str, np.ndarray]:
+    """A per-train-row ``.npz`` artifact (it has a ``sample_id`` array), checked to cover the train rows
+    of samples.parquet in order."""
+    arrays = load_npz(paths, path)
+    if not np.array_equal(arrays["sample_id"], sample_id):
+        raise DataError(f"{path} does not match the train rows of samples.parquet; re-run the "
+                        f"{ARTIFACTS[path].stage} stage")
+    return arrays
 
 
 def read_text_embeddings(paths: Paths) -> Optional[np.ndarray]:

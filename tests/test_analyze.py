@@ -21,7 +21,7 @@ from dataopt.schema import ANALYSIS_COLUMNS
 from dataopt.stages import run_stage
 
 from conftest import write_signals_project as make_project
-from dataopt.stages.analyze import FLAG_COLUMNS
+from dataopt.analyze import FLAG_COLUMNS, analyze
 
 
 def planted_losses(n: int = 2000, rate: float = 0.2, seed: int = 0):
@@ -278,3 +278,26 @@ def test_agreement_gate_trusts_labels_the_model_predicts(tmp_path):
     disagree = (signals["pred_label"] != signals["label"]).to_numpy()
     np.testing.assert_array_equal(df["p_clean"][disagree], df["p_clean_mixture"][disagree])
     assert (df["p_clean"][~disagree] == 1.0).all() and df["is_label_issue"][disagree].mean() > 0.9
+
+
+def test_analyze_is_a_call_on_arrays_and_flags_the_planted_noise():
+    """The library call the stage wraps: no paths; its table has the stage's columns, the planted
+    high-loss rows are flagged, detection is scored on the rows with a known clean label only."""
+    loss, noisy = planted_losses(n=600)
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, loss.size)
+    probs = np.full((loss.size, 3), 0.1)
+    probs[np.arange(loss.size), np.where(noisy, (labels + 1) % 3, labels)] = 0.8
+    signals = pd.DataFrame({"sample_id": np.arange(loss.size) * 7, "label": labels, "loss_early": loss,
+                            "pred_label": probs.argmax(1)})
+    clean = np.where(noisy, (labels + 1) % 3, labels).astype(np.float64)
+    clean[:100] = np.nan
+    dist = np.sort(rng.random((loss.size, 4)), axis=1)
+    res = analyze(signals, probs, dist, Params().analyze, seed=0, label_clean=clean,
+                  embeddings=rng.normal(size=(loss.size, 5)))
+    assert res.table.schema.names == [*ANALYSIS_COLUMNS, *FLAG_COLUMNS]
+    flagged = res.table.column("is_label_issue").to_numpy()
+    assert f1_score(noisy, flagged) > 0.9
+    assert res.summary["detection"]["n_scored"] == loss.size - 100
+    assert res.metrics["n_label_issues"] == int(flagged.sum())
+    assert len(res.plots["xy"]) == min(loss.size, Params().analyze.plot_points)

@@ -17,7 +17,7 @@ from dataopt.errors import ConfigError, DataError
 from dataopt.io import read_json, save_npz
 from dataopt.registry import DETECTORS
 from dataopt.stages import run_stage
-from dataopt.stages.analyze import outlier_scores
+from dataopt.analyze import outlier_scores
 from test_analyze import make_project
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,6 +21,7 @@ from dataopt.perceive import Dynamics
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 noise = pytest.importorskip("noise")
+common = pytest.importorskip("common")
 pytest.importorskip("cleanlab")
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -150,16 +152,19 @@ def _perceived_project(root: Path, n: int, epochs: int, k: int = 10, C: int = 10
     return paths
 
 
-def test_restore_is_lossless_for_what_the_detectors_read(tmp_path: Path):
+def test_saved_inputs_are_lossless_for_what_the_detectors_read(tmp_path: Path):
     src = _perceived_project(tmp_path / "src", n=500, epochs=5)
     size = noise.save_dynamics(src.root, tmp_path / "x_s0.npz", {"label_column": "x", "seed": 0,
                                                                   "oof_accuracy": 0.5})
-    meta = noise.restore_project(tmp_path / "x_s0.npz", tmp_path / "dst")
+    inputs, meta = noise.saved_inputs(tmp_path / "x_s0.npz")
     assert size == (tmp_path / "x_s0.npz").stat().st_size and meta["oof_accuracy"] == 0.5
-    a, b = src.artifacts, tmp_path / "dst" / "artifacts"
-    sig_a = pq.read_table(a / "perceive" / "signals.parquet")
-    assert sig_a.equals(pq.read_table(b / "perceive" / "signals.parquet"), check_metadata=True)
-    da, db = Dynamics.load(a / "perceive" / "dynamics.npz"), Dynamics.load(b / "perceive" / "dynamics.npz")
+    a = src.artifacts
+    sig_a = pq.read_table(a / "perceive" / "signals.parquet").to_pandas()
+    pd.testing.assert_frame_equal(sig_a, inputs["signals"], check_exact=True)
+    da = Dynamics.load(a / "perceive" / "dynamics.npz")
+    np.testing.assert_array_equal(inputs["probs"], da.probs)
+    assert inputs["probs"].dtype == np.float32
+    db = common.saved_dynamics(*common.read_dynamics(tmp_path / "x_s0.npz"))
     for name in ("sample_id", "fold", "correct", "probs", "epochs_per_fold"):
         np.testing.assert_array_equal(getattr(da, name), getattr(db, name))
     assert db.probs.dtype == np.float32 and da.epochs_completed == db.epochs_completed == 5
@@ -168,28 +173,33 @@ def test_restore_is_lossless_for_what_the_detectors_read(tmp_path: Path):
         x, y = getattr(da, name), getattr(db, name)
         assert y.dtype == np.float32 and y.shape == x.shape
         np.testing.assert_allclose(y, x, rtol=2e-3, atol=1e-4)  # float16
-    cols = ["sample_id", "split", "label", "label_name", "label_clean"]
-    assert pq.read_table(a / "ingest" / "samples.parquet", columns=cols).equals(
-        pq.read_table(b / "ingest" / "samples.parquet", columns=cols))
-    with np.load(a / "embed" / "knn.npz") as ka, np.load(b / "embed" / "knn.npz") as kb:
-        np.testing.assert_array_equal(ka["indices"], kb["indices"])
-        np.testing.assert_allclose(ka["distances"], kb["distances"], rtol=1e-3)
-    assert np.load(b / "embed" / "embeddings.npy").shape == (500, 2)
+    samples = pq.read_table(a / "ingest" / "samples.parquet")
+    np.testing.assert_array_equal(inputs["label_clean"], samples.column("label_clean").to_numpy())
+    with np.load(a / "embed" / "knn.npz") as ka:
+        np.testing.assert_array_equal(ka["indices"], inputs["knn_indices"])
+        np.testing.assert_allclose(ka["distances"], inputs["knn_distances"], rtol=1e-3)
 
 
-def test_files_saved_before_center_distance_restore_it_as_nan(tmp_path: Path):
+def test_files_saved_before_center_distance_give_it_as_nan(tmp_path: Path):
     src = _perceived_project(tmp_path / "src", n=200, epochs=3)
     noise.save_dynamics(src.root, tmp_path / "x_s0.npz", {"label_column": "x", "seed": 0})
     with np.load(tmp_path / "x_s0.npz") as z:
         old = {k: z[k] for k in z.files if k != "center_distance"}
     np.savez_compressed(tmp_path / "old_s0.npz", **old)
-    noise.restore_project(tmp_path / "old_s0.npz", tmp_path / "dst")
-    db = Dynamics.load(tmp_path / "dst" / "artifacts" / "perceive" / "dynamics.npz")
+    db = common.saved_dynamics(*common.read_dynamics(tmp_path / "old_s0.npz"))
     assert db.center_distance.shape == (3, 200) and np.isnan(db.center_distance).all()
     assert np.isfinite(db.loss).all()
     np.savez_compressed(tmp_path / "broken_s0.npz", **{k: v for k, v in old.items() if k != "loss"})
     with pytest.raises(KeyError, match="loss"):  # only center_distance may be missing
-        noise.restore_project(tmp_path / "broken_s0.npz", tmp_path / "dst2")
+        common.saved_dynamics(*common.read_dynamics(tmp_path / "broken_s0.npz"))
+
+
+def test_a_missing_dynamics_file_names_the_command_that_writes_it(tmp_path: Path):
+    with pytest.raises(SystemExit) as err:
+        common.read_dynamics(tmp_path / "random_label1_s0.npz")
+    msg = str(err.value)
+    assert "\n" not in msg and "random_label1_s0.npz not found" in msg
+    assert common.REGENERATE_DYNAMICS in msg and "--save-dynamics bench/dynamics" in msg
 
 
 def test_dynamic_bench_reads_a_saved_proxy_for_the_first_rows(tmp_path: Path, capsys):
@@ -223,13 +233,13 @@ def test_file_stays_under_15_mb_at_50k_rows(tmp_path: Path):
     runs): the per-epoch arrays are thinned to fit, keeping the early-loss window and the last epoch."""
     src = _perceived_project(tmp_path / "src", n=50_000, epochs=20)
     size = noise.save_dynamics(src.root, tmp_path / "big_s0.npz", {"label_column": "big", "seed": 0})
-    meta = noise.restore_project(tmp_path / "big_s0.npz", tmp_path / "dst")
+    meta, arrays = common.read_dynamics(tmp_path / "big_s0.npz")
     kept = meta["dynamics_epochs"]
     print(f"\n20 epochs, n = 50,000: {size / 1e6:.2f} MB, epochs kept {kept}")
     assert size < 15e6
     assert kept[:3] == [1, 2, 3] and kept[-1] == 20 and 4 <= len(kept) < 20 and kept == sorted(set(kept))
     da = Dynamics.load(src.artifacts / "perceive" / "dynamics.npz")
-    db = Dynamics.load(tmp_path / "dst" / "artifacts" / "perceive" / "dynamics.npz")
+    db = common.saved_dynamics(meta, arrays)
     assert db.epochs_completed == len(kept) and db.loss.shape == (len(kept), 50_000)
     np.testing.assert_array_equal(db.correct, da.correct[np.array(kept) - 1])
     np.testing.assert_array_equal(db.probs, da.probs)
@@ -238,7 +248,7 @@ def test_file_stays_under_15_mb_at_50k_rows(tmp_path: Path):
 def test_unthinned_when_it_fits_and_an_error_when_nothing_fits(tmp_path: Path):
     src = _perceived_project(tmp_path / "src", n=400, epochs=6)
     noise.save_dynamics(src.root, tmp_path / "a_s0.npz", {"label_column": "a", "seed": 0})
-    meta = noise.restore_project(tmp_path / "a_s0.npz", tmp_path / "a")
+    _, meta = noise.saved_inputs(tmp_path / "a_s0.npz")
     assert meta["dynamics_epochs"] == [1, 2, 3, 4, 5, 6]
     with pytest.raises(ValueError, match="over 0.0 MB even with the dynamics of"):
         noise.save_dynamics(src.root, tmp_path / "b_s0.npz", {"label_column": "b", "seed": 0}, max_bytes=1000)
@@ -291,11 +301,17 @@ def test_dynamic_bench_chooses_the_variant_on_the_val_half_and_reports_the_heldo
 def test_saved_dynamics_reader_names_a_missing_file_and_a_foreign_format(tmp_path: Path):
     from common import read_dynamics
 
-    with pytest.raises(SystemExit, match=r"nope_s0\.npz not found \(write it with bench/noise\.py"):
+    with pytest.raises(SystemExit, match=r"nope_s0\.npz not found: .* regenerate it with python bench/noise\.py"):
         read_dynamics(tmp_path / "nope_s0.npz")
     np.savez(tmp_path / "old_s0.npz", meta=np.array(json.dumps({"format": 0})), label=np.zeros(3))
-    with pytest.raises(SystemExit, match=r"old_s0\.npz: dynamics format 0 is not 1; re-save it"):
+    with pytest.raises(SystemExit, match=r"old_s0\.npz: dynamics format 0 is not 1; regenerate it with python bench/noise\.py"):
         read_dynamics(tmp_path / "old_s0.npz")
     np.savez(tmp_path / "ok_s0.npz", meta=np.array(json.dumps({"format": 1, "n": 3})), label=np.arange(3))
     meta, arrays = read_dynamics(tmp_path / "ok_s0.npz")
     assert meta == {"format": 1, "n": 3} and list(arrays) == ["label"]
+
+
+def test_bench_readme_documents_the_command_that_writes_bench_dynamics():
+    readme = (BENCH / "README.md").read_text()
+    flat = " ".join(readme.replace("\\\n", " ").split())
+    assert " ".join(common.REGENERATE_DYNAMICS.split()) in flat

@@ -13,7 +13,8 @@ from dataopt.config import validate
 from dataopt.errors import ConfigError, DataError, MissingArtifactError
 from dataopt.io import read_json
 from dataopt.paths import Paths
-from dataopt.perceive import Dynamics, OOFDynamics, SignalInputs, compute_signals
+from dataopt.perceive import (Dynamics, OOFDynamics, SignalInputs, compute_signals, out_of_fold_signals, perceive,
+                              signal_catalogue)
 from dataopt.perceive import dynamics as dynamics_mod
 from dataopt.registry import SIGNALS
 from dataopt.stages import perceive as perceive_stage
@@ -281,3 +282,32 @@ def test_head_with_hidden_layer_learns_out_of_fold():
     assert d.correct[-1].mean() > 0.8 and d.loss[-1].mean() < d.loss[0].mean()
     with pytest.raises(ConfigError, match="unknown perceive model 'mlp'"):
         OOFDynamics(model="mlp").fit(x, y, 3)
+
+
+def test_perceive_is_a_call_on_arrays():
+    """The library call the stage wraps, on arrays only: the signal table carries its catalogue, the
+    class table one row per class, the corpus the run's facts."""
+    rng = np.random.default_rng(0)
+    n, d = 90, 6
+    labels = np.arange(n) % 3
+    emb = (rng.normal(size=(n, d)) + 3 * np.eye(d)[labels]).astype(np.float32)
+    dist = np.sqrt(((emb[:, None] - emb[None]) ** 2).sum(-1))
+    np.fill_diagonal(dist, np.inf)
+    idx = np.argsort(dist, axis=1)[:, :5]
+    cfg = validate({"perceive": {**FAST, "epochs": 12, "signals": ["loss_early", "knn_density"]}}).perceive
+    res = perceive(np.arange(n) + 100, labels, np.array(["a", "b", "c"])[labels], 3, emb, idx,
+                   np.take_along_axis(dist, idx, 1).astype(np.float32), cfg, seed=0)
+    assert res.signals.column_names == ["sample_id", "label", "loss_early", "knn_density"]
+    assert sorted(signal_catalogue(res.signals)) == ["knn_density", "loss_early"]
+    assert res.classes.column("label_name").to_pylist() == ["a", "b", "c"]
+    assert res.dynamics.epochs_completed == 12 and res.corpus["oof_accuracy"] > 0.6  # chance: 1/3
+    assert res.corpus["semantic_consistency_source"] == "oof_probability"
+
+
+def test_out_of_fold_signals_are_declared_by_the_signals():
+    names = SIGNALS.names()
+    oof = out_of_fold_signals(names)
+    assert {"loss_early", "margin_last", "aum", "forgetting", "oof_center_distance",
+            "semantic_consistency"} <= set(oof)
+    assert not {"knn_density", "class_center_distance", "knn_label_agreement"} & set(oof)
+    assert "semantic_consistency" not in out_of_fold_signals(names, text=True)  # then a text cosine

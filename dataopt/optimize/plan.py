@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from dataopt import registry
-from dataopt.analyze.base import LazyInputs, fmt, join
+from dataopt.analyze.base import LazyInputs, arrow_table, fmt, join
 from dataopt.config import OPTIMIZE_FAMILIES, OptimizeStep
 from dataopt.errors import ConfigError, DataError
 from dataopt.optimize.augment.batch import slot
+from dataopt.schema import PLAN_COLUMNS
 
 
 @dataclass
@@ -211,3 +213,78 @@ def stats(values: np.ndarray) -> dict[str, float]:
         return {"mean": 0.0, "min": 0.0, "max": 0.0, "std": 0.0}
     return {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max()),
             "std": float(values.std())}
+
+
+@dataclass
+class PlanResult:
+    """What :func:`optimize` decided: ``table`` (plan.parquet, ``PLAN_COLUMNS``), ``summary``
+    (plan.json), ``metrics`` (the numbers a run tracks) and the composed :class:`Plan`."""
+
+    table: pa.Table
+    summary: dict[str, Any]
+    metrics: dict[str, Any]
+    plan: Plan
+
+
+def optimize(cfg: Any, inputs: LazyInputs, sample_id: np.ndarray, labels: np.ndarray, seed: int) -> PlanResult:
+    """Compose the steps of the ``optimize`` params section ``cfg`` into one plan over the ``n`` train rows.
+
+    Parameters
+    ----------
+    cfg : the ``optimize`` params section (its simple keys or ``steps``)
+    inputs : LazyInputs offering what a method may require (the optimize stage's ``INPUT_NAMES``)
+    sample_id, labels : (n,) int64 over the train rows
+    seed : int
+    """
+    simple = cfg.steps is None
+    plan = compose(cfg.plan_steps(), inputs, labels, seed, numbered=not simple)
+    n = sample_id.size
+    table = arrow_table(PLAN_COLUMNS, {
+        "sample_id": sample_id,
+        "keep": plan.keep,
+        "weight": plan.weight,
+        "sampling_weight": plan.sampling_weight,
+        "augment_magnitude": plan.augment_magnitude,
+        "new_label": plan.new_label,
+        "reason": plan.reason,
+    })
+
+    keep = plan.keep
+    classes, inv = np.unique(labels, return_inverse=True)
+    share = np.bincount(inv, weights=keep.astype(np.float64)) / np.bincount(inv)
+    n_kept = int(keep.sum())
+    n_relabelled = int((keep & (plan.new_label != labels)).sum())
+    weight = stats(plan.weight[keep])
+    summary: dict[str, Any] = {}
+    if simple:  # the backbone's keys, kept for the simple form
+        summary.update({"method": cfg.method, "kwargs": plan.steps[0]["params"], "ratio": cfg.ratio,
+                        "weighting": cfg.weighting, "weighting_kwargs": plan.steps[1]["params"]})
+    summary.update({
+        "n_train": int(n),
+        "n_kept": n_kept,
+        "kept_share": n_kept / n,
+        "kept_share_per_class": dict(zip(map(str, classes.tolist()), share.tolist())),
+        "n_relabelled": n_relabelled,
+        "weight": weight,
+        "sampling_weight": stats(plan.sampling_weight[keep]),
+        "augment_magnitude": stats(plan.augment_magnitude[keep]),
+        "train": plan.train,
+        "augment": plan.augment,
+        "steps": plan.steps,
+        "inputs": inputs.loaded(),
+    })
+    policies = [v["policy"] for v in plan.augment.values()]
+    metrics = {
+        "n_kept": n_kept,
+        "kept_share": n_kept / n,
+        "mean_weight": weight["mean"],
+        "mean_sampling_weight": summary["sampling_weight"]["mean"],
+        "mean_augment_magnitude": summary["augment_magnitude"]["mean"],
+        "n_relabelled": n_relabelled,
+        "n_steps": len(plan.steps),
+        "steps": " -> ".join(f"{s['family']}:{s['method']}" for s in plan.steps),
+        "augment_policy": "+".join(policies) or "none",
+        "train_directives": ",".join(sorted(plan.train)) or "none",
+        **step_metrics(plan.steps),
+    }
+    return PlanResult(table=table, summary=summary, metrics=metrics, plan=plan)

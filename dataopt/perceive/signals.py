@@ -73,6 +73,11 @@ class Signal:
         raise NotImplementedError
 
     @classmethod
+    def reads_dynamics(cls, text: bool = False) -> bool:
+        """Whether the values come from the out-of-fold run (``text``: the embedder has a text tower)."""
+        return "dynamics" in cls.requires
+
+    @classmethod
     def card(cls) -> dict[str, str]:
         """The catalogue entry: granularity, type, direction, dtype, description."""
         return {"granularity": cls.granularity, "type": cls.type, "direction": cls.direction,
@@ -383,6 +388,10 @@ class SemanticConsistency(Signal):
     description = ("cosine of the image embedding with the label's text embedding when the embedder "
                    "has text, else the out-of-fold probability of the given label")
 
+    @classmethod
+    def reads_dynamics(cls, text: bool = False) -> bool:
+        return not text  # without text it is the out-of-fold probability of the label
+
     def compute(self, inputs: SignalInputs) -> np.ndarray:
         y = inputs.labels
         text = inputs.text_embeddings
@@ -473,3 +482,9 @@ def compute_signals(
             raise DataError(f"signal {name!r} is not finite for sample_id {describe_ids(ids)}")
         values[name], catalogue[name] = v, sig.fitted_card()
     return values, catalogue
+
+
+def out_of_fold_signals(names: list[str], text: bool = False) -> list[str]:
+    """The signals among ``names`` whose values come from the out-of-fold dynamics (the rest read the
+    embeddings, the kNN graph or the labels); ``text``: the embedder has a text tower."""
+    return [n for n in names if n in SIGNALS and SIGNALS.get(n).reads_dynamics(text)]

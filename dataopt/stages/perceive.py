@@ -3,50 +3,60 @@
 Writes ``artifacts/perceive/``: ``dynamics.npz`` (see :class:`dataopt.perceive.Dynamics`),
 ``signals.parquet`` (train rows in samples order: sample_id, label, one column per signal; the signal
 catalogue is in the schema metadata under ``dataopt.signals``), ``classes.parquet`` and ``corpus.json``.
-Reads ``embed/text_embeddings.npy`` when the embedder wrote one (semantic consistency by text cosine).
+Semantic consistency uses ``embed/text_embeddings.npy`` (text cosine) when the embedder has a text
+tower, else the out-of-fold probability.
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from dataopt import artifacts as art
+from dataopt.artifacts import read_images, read_samples, read_text_embeddings
 from dataopt.config import Params
 from dataopt.errors import DataError
-from dataopt.io import load_npy, write_json, write_parquet
 from dataopt.paths import Paths
-from dataopt.perceive import OOFDynamics, SignalInputs, class_table, compute_signals, corpus_summary
-from dataopt.schema import TRAIN, require
-from dataopt.artifacts import read_images, read_samples, read_text_embeddings
+from dataopt.perceive import perceive
+from dataopt.schema import TRAIN
 
-INPUTS = ("ingest/samples.parquet", "ingest/images.npy", "embed/embeddings.npy", "embed/knn.npz")
-OUTPUTS = ("perceive/signals.parquet", "perceive/dynamics.npz", "perceive/classes.parquet",
-           "perceive/corpus.json")
-PARAMS = ("seed", "perceive")
+# ----------------------------------------------------------------------------- reading the inputs
 
-CATALOGUE_KEY = b"dataopt.signals"
-_ARROW = {"float64": pa.float64(), "int64": pa.int64(), "bool": pa.bool_()}
+def _read(params: Params, paths: Paths) -> dict[str, Any]:
+    """The keyword arguments of :func:`dataopt.perceive.perceive` (all but cfg and seed), read and checked."""
+    samples = read_samples(paths, ["sample_id", "split", "label", "label_name"])
+    n_rows = len(samples["sample_id"])
+    train_idx = np.flatnonzero(samples["split"] == TRAIN)
+    if len(train_idx) == 0:
+        raise DataError("samples.parquet has no train rows: nothing to perceive")
+    sample_id = samples["sample_id"].astype(np.int64)[train_idx]
+    emb, knn = _read_embed(paths, n_rows, sample_id)
+    emb_train = np.asarray(emb[train_idx], dtype=np.float32)
+    duplicate_of = _optional_int_column(paths, "duplicate_of", train_idx)
+    return {
+        "sample_id": sample_id,
+        "labels": samples["label"].astype(np.int64)[train_idx],
+        "label_names": samples["label_name"][train_idx],
+        "n_classes": int(samples["label"].max()) + 1,  # test labels included: probs cover every class
+        "embeddings": emb_train,
+        "knn_indices": knn["indices"],
+        "knn_distances": knn["distances"],
+        "images": None if params.perceive.model == "head" else read_images(paths, n_rows)[train_idx],
+        "text_embeddings": _read_text_embeddings(paths, emb_train.shape[1]),
+        "is_duplicate": None if duplicate_of is None else ~np.isnan(duplicate_of),
+        "label_clean": _optional_int_column(paths, "label_clean", train_idx),
+    }
 
 
 def _read_embed(paths: Paths, n_rows: int, train_sid: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """embeddings.npy (memory-mapped, all rows) and knn.npz, checked against samples.parquet."""
-    emb_path = require(paths.artifacts / "embed" / "embeddings.npy", "embed")
-    knn_path = require(paths.artifacts / "embed" / "knn.npz", "embed")
-    emb = load_npy(emb_path)
+    emb = art.load_npy(paths, "embed/embeddings.npy")
     if emb.ndim != 2 or len(emb) != n_rows:
-        raise DataError(f"{emb_path} has shape {emb.shape} but samples.parquet has {n_rows} rows: "
-                        "rerun the 'embed' stage")
-    with np.load(knn_path, allow_pickle=False) as z:
-        knn = {k: z[k] for k in ("sample_id", "indices", "distances")}
-    if not np.array_equal(knn["sample_id"], train_sid):
-        raise DataError(
-            f"{knn_path} does not match the train rows of samples.parquet: rerun the 'embed' stage"
-        )
-    return emb, knn
+        raise DataError(f"embed/embeddings.npy has shape {emb.shape} but samples.parquet has {n_rows} "
+                        "rows: rerun the 'embed' stage")
+    return emb, art.read_aligned(paths, "embed/knn.npz", train_sid)
 
 
 def _read_text_embeddings(paths: Paths, dim: int) -> np.ndarray | None:
@@ -61,83 +71,25 @@ def _read_text_embeddings(paths: Paths, dim: int) -> np.ndarray | None:
 def _optional_int_column(paths: Paths, name: str, rows: np.ndarray) -> np.ndarray | None:
     """``(len(rows),)`` float64 values of a nullable int column of samples.parquet (NaN = null), or
     None when the column is absent."""
-    path = paths.artifacts / "ingest" / "samples.parquet"
-    if name not in pq.read_schema(path).names:
+    if name not in art.read_schema(paths, "ingest/samples.parquet").names:
         return None
-    col = pq.read_table(path, columns=[name]).column(0).cast(pa.float64())
+    col = art.read_table(paths, "ingest/samples.parquet", [name]).column(0).cast(pa.float64())
     return col.to_numpy(zero_copy_only=False)[rows]  # nulls become NaN
 
 
+# ----------------------------------------------------------------------------- running
+
 def run(params: Params, paths: Paths) -> dict[str, Any]:
-    cfg = params.perceive
     t0 = time.perf_counter()
-    samples = read_samples(paths, ["sample_id", "split", "label", "label_name"])
-    n_rows = len(samples["sample_id"])
-    train_idx = np.flatnonzero(samples["split"] == TRAIN)
-    if len(train_idx) == 0:
-        raise DataError("samples.parquet has no train rows: nothing to perceive")
-    sample_id = samples["sample_id"].astype(np.int64)[train_idx]
-    labels = samples["label"].astype(np.int64)[train_idx]
-    n_classes = int(samples["label"].max()) + 1  # test labels included: probs cover every class
-    emb, knn = _read_embed(paths, n_rows, sample_id)
-    emb_train = np.asarray(emb[train_idx], dtype=np.float32)
+    inputs = _read(params, paths)
+    res = perceive(**inputs, cfg=params.perceive, seed=params.seed)
+    res.corpus["seconds"] = round(time.perf_counter() - t0, 3)  # the stage's, reads included
 
-    features = emb_train if cfg.model == "head" else read_images(paths, n_rows)[train_idx]
-    oof = OOFDynamics(
-        model=cfg.model, hidden=cfg.hidden, width=cfg.width, folds=cfg.folds, epochs=cfg.epochs,
-        batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, augment=cfg.augment,
-        label_smoothing=cfg.label_smoothing, max_seconds=cfg.max_seconds, device=cfg.device, random_state=params.seed,
-    ).fit(features, labels, n_classes, sample_id=sample_id)
-    dyn = oof.dynamics_
-    early_used = min(cfg.early_epochs, dyn.epochs_completed)
-
-    text = _read_text_embeddings(paths, emb_train.shape[1])
-    inputs = SignalInputs(labels=labels, dynamics=dyn, embeddings=emb_train,
-                          knn_indices=knn["indices"], knn_distances=knn["distances"], text_embeddings=text)
-    t_sig = time.perf_counter()
-    values, catalogue = compute_signals(inputs, cfg.signals, sample_id=sample_id, kwargs=cfg.signal_kwargs,
-                                        early_epochs=early_used)
-    signal_seconds = round(time.perf_counter() - t_sig, 3)
-    # the class and corpus summaries need these two, whatever perceive.signals lists
-    needed = ("correct_last", "class_center_distance")
-    base, _ = compute_signals(inputs, [k for k in needed if k not in values], sample_id=sample_id)
-    base.update({k: values[k] for k in needed if k in values})
-
-    out = paths.stage("perceive")
-    dyn.save(out / "dynamics.npz")
-    table = pa.table({"sample_id": pa.array(sample_id, pa.int64()), "label": pa.array(labels, pa.int64()),
-                      **{k: pa.array(v, _ARROW[v.dtype.name]) for k, v in values.items()}})
-    table = table.replace_schema_metadata({CATALOGUE_KEY: json.dumps(catalogue).encode()})
-    write_parquet(out / "signals.parquet", table)
-
-    names = samples["label_name"][train_idx]
-    label_names = {int(lab): str(nm) for lab, nm in zip(labels[::-1], names[::-1])}  # first row wins
-    write_parquet(out / "classes.parquet",
-                  class_table(labels, label_names, base["correct_last"], base["class_center_distance"],
-                              emb_train))
-
-    duplicate_of = _optional_int_column(paths, "duplicate_of", train_idx)
-    is_duplicate = np.zeros(len(labels), bool) if duplicate_of is None else ~np.isnan(duplicate_of)
-    corpus = corpus_summary(labels, is_duplicate, base["correct_last"], dyn.probs,
-                            _optional_int_column(paths, "label_clean", train_idx))
-    seconds = round(time.perf_counter() - t0, 3)
-    corpus.update({
-        "epochs_completed": dyn.epochs_completed,
-        "epochs_requested": cfg.epochs,
-        "epochs_per_fold": dyn.epochs_per_fold.tolist(),
-        "early_epochs_used": early_used,
-        "model": cfg.model,
-        "network": oof.model_,
-        "augment": cfg.augment,
-        "label_smoothing": cfg.label_smoothing,
-        "folds": cfg.folds,
-        "device": oof.device_,
-        "seconds": seconds,
-        "signal_seconds": signal_seconds,
-        "semantic_consistency_source": "text_cosine" if text is not None else "oof_probability",
-        "signals": catalogue,
-    })
-    write_json(out / "corpus.json", corpus)
-    return {"oof_accuracy": corpus["oof_accuracy"],
-            "mean_loss_early": float(dyn.loss[:early_used].mean()),
-            "epochs_completed": dyn.epochs_completed, "seconds": seconds}
+    res.dynamics.save(art.locate(paths, "perceive/dynamics.npz", "w"))
+    art.write_table(paths, "perceive/signals.parquet", res.signals)
+    art.write_table(paths, "perceive/classes.parquet", res.classes)
+    art.write_json(paths, "perceive/corpus.json", res.corpus)
+    dyn = res.dynamics
+    return {"oof_accuracy": res.corpus["oof_accuracy"],
+            "mean_loss_early": float(dyn.loss[:res.corpus["early_epochs_used"]].mean()),
+            "epochs_completed": dyn.epochs_completed, "seconds": res.corpus["seconds"]}
