@@ -144,7 +144,7 @@ def test_model_is_a_registrable_pyfunc_model_predicting_like_evaluate(trained):
             probs = model.predict(images)
             assert probs.shape == (len(y), 10)
             assert (probs.argmax(1) == y).mean() == pytest.approx(evaluated["accuracy"])
-        version = mlflow.register_model(f"models:/{model_id}", "dataopt-digits")
+        version = mlflow.register_model(f"runs:/{info['run_id']}/model", "dataopt-digits")
         assert int(version.version) == 1
         client.set_registered_model_alias("dataopt-digits", "champion", version.version)
         champion = mlflow.pyfunc.load_model("models:/dataopt-digits@champion")

@@ -101,6 +101,7 @@ def training_curve_png(path: str | Path, history: Sequence[dict]) -> None:
     fig = Figure(figsize=(6.5, 4))
     ax = fig.add_subplot()
     ax.plot(epochs, [r["loss"] for r in history], "o-", color="#4c78a8", label="training loss")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("epoch")
     ax.set_ylabel("mean training loss")
     if all("lr" in r for r in history):
