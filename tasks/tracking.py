@@ -104,7 +104,9 @@ def stage_records(paths: Paths) -> dict[str, dict[str, Any]]:
     out = {}
     for stage in ORDER:
         with contextlib.suppress(OSError, ValueError):
-            out[stage] = read_json(paths.artifacts / stage / STAGE_FILE)
+            rec = read_json(paths.artifacts / stage / STAGE_FILE)
+            if isinstance(rec, dict):
+                out[stage] = rec
     return out
 
 
