@@ -65,6 +65,9 @@ class Stage:
     doc: str = ""
 
 
+_STAGE_NAMES = ("ingest", "embed", "perceive", "analyze", "optimize", "train", "evaluate")
+
+
 def _a(path: str, kind: str, doc: str, role: str = "out") -> Artifact:
     return Artifact(path, kind, doc, role)
 
@@ -98,10 +101,17 @@ _DECLARED = (
     _a("optimize/plan.json", "json", "the composed steps, counts, training directives"),
     _a("train/model", "dir", "model.safetensors + config.json"),
     _a("train/history.json", "json", "one row per epoch: loss, samples seen, seconds"),
+    _a("evaluate/report.json", "json", "per-class rows, reliability bins, confusion matrix, class names"),
     _a("evaluate/plots", "dir", "evaluation plots"),
+    _a("evaluate/plots/training_curve.png", "png", "training loss per epoch (train/history.json)", "plot"),
+    _a("evaluate/plots/per_class_accuracy.png", "png", "accuracy per class on the held-out split", "plot"),
+    _a("evaluate/plots/reliability.png", "png", "reliability diagram (calibration)", "plot"),
     _a("evaluate/plots/confusion_matrix.png", "png", "confusion matrix on the held-out split", "plot"),
-    *(_a(f"{s}/metrics.json", "json", f"headline metrics of {s}", "metric")
-      for s in ("ingest", "embed", "perceive", "analyze", "optimize", "train", "evaluate")),
+    # written by dataopt.stages.run_stage for every stage
+    *(_a(f"{s}/metrics.json", "json", f"headline metrics of {s} (dvc exp show)", "metric")
+      for s in _STAGE_NAMES),
+    *(_a(f"{s}/stage.json", "json", f"every metric {s} returned, its start, end and launcher")
+      for s in _STAGE_NAMES),
 )
 
 ARTIFACTS: dict[str, Artifact] = {a.path: a for a in _DECLARED}
@@ -132,6 +142,7 @@ STAGES: dict[str, Stage] = {
                       params=("evaluate",), doc="the model on the held-out split, and its cost"),
 }
 ORDER = tuple(STAGES)
+assert ORDER == _STAGE_NAMES
 
 
 def outputs(stage: str) -> tuple[str, ...]:
@@ -375,7 +386,7 @@ DVC_HEADER = """\
 # `dvc repro` / `dvc exp run`.
 """
 
-TRACK_DEPS = ("tasks/tracking.py",)
+TRACK_DEPS = ("tasks/tracking.py", "tasks/mlflow_model.py")
 # what `dataopt track` logs: every metric, report and folder, and the dataset digest's table
 TRACK_READS = tuple(p for p, a in ARTIFACTS.items() if a.kind in ("json", "dir")) + (
     "ingest/samples.parquet", "ingest/quarantine.parquet")

@@ -137,7 +137,7 @@ class PerceiveParams(Section):
 
 
 class AnalyzeParams(Section):
-    detector: str = "gmm"
+    detector: str = "calibrated_confidence"
     kwargs: dict[str, Any] = {}
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     # "agreement": a sample whose out-of-fold prediction equals its label is clean (p_clean = 1),

@@ -4,9 +4,16 @@ Used by the Prefect flow (``flows.curate``) after the chain and by ``dataopt tra
 stage), so that ``dataopt run``, ``dvc repro`` and ``dvc exp run`` each record exactly one run with
 the params, every stage's metrics, plots and reports, the trained model and the dataset digest.
 The run id is written to ``artifacts/track/run.json`` (the ``track`` stage's output).
+
+The run spans the pipeline's wall time: it starts when the pipeline started (the flow passes its
+start; otherwise the earliest start among the stages of this execution, from their ``stage.json``,
+see :func:`pipeline_start`) and ends when logging is done. The model is logged as an MLflow pyfunc
+model (``tasks/mlflow_model.py``, models-from-code over the safetensors), so that the run's Models
+column shows it and ``mlflow.register_model`` takes it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,12 +28,13 @@ import yaml
 from dataopt.config import Params
 from dataopt.io import file_digest, read_json, write_json
 from dataopt.paths import Paths
-from dataopt.stages import ORDER
+from dataopt.stages import ORDER, STAGE_FILE, launcher
 
 PARAM_VALUE_LIMIT = 500  # MLflow rejects longer param values on some stores
 DIGEST_LIMIT = 32  # MLflow's dataset digest column is String(36); the full sha256 goes in a tag
 REPORTS = ("report.json", "analysis.json", "plan.json", "history.json", "quarantine.parquet",
-           "meta.json", "corpus.json", "metrics.json")
+           "meta.json", "corpus.json", "metrics.json", STAGE_FILE)
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 _KEY_BAD = re.compile(r"[^0-9A-Za-z_\-. /]")
 
 
@@ -73,13 +81,49 @@ def flat_metrics(stage: str, metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def collect_metrics(paths: Paths) -> dict[str, float]:
-    """Every stage's ``artifacts/<stage>/metrics.json``, flattened and prefixed by the stage name."""
+    """Every metric of every stage, flattened and prefixed by the stage name: all a stage returned
+    (``stage.json``; its ``metrics.json`` when there is none) and evaluate's per-class accuracy
+    (``report.json``) as ``evaluate.per_class_accuracy.<class>``."""
     out: dict[str, float] = {}
     for stage in ORDER:
-        f = paths.artifacts / stage / "metrics.json"
-        if f.exists():
-            out.update(flat_metrics(stage, read_json(f)))
+        d = paths.artifacts / stage
+        if (d / STAGE_FILE).exists():
+            out.update(flat_metrics(stage, read_json(d / STAGE_FILE).get("metrics") or {}))
+        elif (d / "metrics.json").exists():
+            out.update(flat_metrics(stage, read_json(d / "metrics.json")))
+    report = paths.artifacts / "evaluate" / "report.json"
+    if report.exists():
+        rows = read_json(report).get("per_class") or []
+        out.update(flat_metrics("evaluate", {"per_class_accuracy": {
+            str(r["class"]): r["accuracy"] for r in rows if r.get("accuracy") is not None}}))
     return out
+
+
+def stage_records(paths: Paths) -> dict[str, dict[str, Any]]:
+    """``{stage: stage.json}`` of the stages that have one (unreadable files left out)."""
+    out = {}
+    for stage in ORDER:
+        with contextlib.suppress(OSError, ValueError):
+            rec = read_json(paths.artifacts / stage / STAGE_FILE)
+            if isinstance(rec, dict):
+                out[stage] = rec
+    return out
+
+
+def pipeline_start(paths: Paths, stage_status: Optional[dict[str, str]] = None) -> Optional[float]:
+    """When this pipeline execution started (unix seconds): the earliest ``started_at`` among the
+    stages that ran in it, None when none did.
+
+    Which stages ran: those ``stage_status`` marks ``"ran"`` when given (the flow knows), else those
+    launched by the same process as this one (:func:`dataopt.stages.launcher`: the ``dvc repro`` /
+    ``dvc exp run`` process that runs every stage of dvc.yaml and then ``dataopt track``). A stage
+    DVC skipped keeps the record of the execution that produced it, which had another launcher.
+    """
+    me = launcher()
+    starts = [rec["started_at"] for stage, rec in stage_records(paths).items()
+              if isinstance(rec.get("started_at"), (int, float))
+              and (stage_status.get(stage) == "ran" if stage_status else rec.get("launcher") == me)]
+    return min(starts) if starts else None
 
 
 def _params(params: Params) -> dict[str, str]:
@@ -103,12 +147,46 @@ def _experiment_id(client: Any, name: str, paths: Paths) -> str:
     return client.create_experiment(name, artifact_location=(paths.root / "mlruns").as_uri())
 
 
+def _requirements() -> list[str]:
+    """The logged model's pip requirements, pinned to what runs here: given explicitly so that MLflow
+    never infers them (a subprocess that imports the model, and pip look-ups: slow, and offline
+    impossible)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("dataopt", "torch", "safetensors", "numpy"):
+        try:
+            out.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            out.append(pkg)
+    return out
+
+
+def log_model(uri: str, run_id: str, model_dir: Path) -> str:
+    """Log ``model_dir`` (safetensors + config.json) as the pyfunc model ``model`` of run ``run_id``
+    (models-from-code, ``tasks/mlflow_model.py``; nothing pickled). Returns its ``models:/`` URI."""
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from tasks.mlflow_model import ARTIFACT
+
+    # the fluent API gives the logged model the run's experiment and links it to the run; the
+    # run's end time is set again by the caller
+    with _use_tracking_uri(uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no signature / input example": a model of raw arrays
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(MODEL_CODE), artifacts={ARTIFACT: str(model_dir)},
+            pip_requirements=_requirements())
+    return info.model_uri
+
+
 def log_run(
     params: Params,
     paths: Paths,
     entry: Optional[str] = None,
     overrides: Optional[list[str]] = None,
     stage_status: Optional[dict[str, str]] = None,
+    started_at: Optional[float] = None,
 ) -> dict[str, Any]:
     """Log the current artifacts as one MLflow run and write ``artifacts/track/run.json``.
 
@@ -119,11 +197,14 @@ def log_run(
     entry : entry-point tag (``prefect``, ``dvc``, ``dvc-exp``, ``cli``); default from the environment.
     overrides : ``--set`` overrides of this run (recorded as a tag).
     stage_status : ``{"ingest": "ran" | "cached", ...}`` from the flow (recorded as tags).
+    started_at : when the pipeline started (unix seconds; the flow passes its start); default
+        :func:`pipeline_start`, else now. The run starts then and ends when logging is done.
 
     Returns
     -------
     dict with ``run_id``, ``experiment_id``, ``tracking_uri`` (``run_id`` None when tracking is off).
     """
+    called = time.time()
     out_file = paths.stage("track") / "run.json"
     uri = tracking_uri(params, paths)
     if not params.tracking.enabled:
@@ -150,7 +231,14 @@ def log_run(
         tags["dataopt.overrides"] = " ".join(overrides)[:5000]
     for stage, status in (stage_status or {}).items():
         tags[f"dataopt.stage.{stage}"] = status
-    run = client.create_run(exp_id, tags=tags, run_name=f"{entry}-{time.strftime('%Y%m%d-%H%M%S')}")
+    start, tags["dataopt.run_start"] = started_at, "passed"
+    if start is None:
+        start, tags["dataopt.run_start"] = pipeline_start(paths, stage_status), "stages"
+    if start is None:  # no stage ran in this execution: the run is the logging itself
+        start, tags["dataopt.run_start"] = called, "track"
+    start = min(float(start), called)
+    run = client.create_run(exp_id, start_time=int(start * 1000), tags=tags,
+                            run_name=f"{entry}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(start))}")
     run_id = run.info.run_id
     try:
         now = int(time.time() * 1000)
@@ -173,7 +261,10 @@ def log_run(
                         "params.yaml")
         model_dir = art / "train" / "model"
         if params.tracking.log_model and model_dir.is_dir():
-            client.log_artifacts(run_id, str(model_dir), "model")  # safetensors + config, no pickle
+            t0 = time.perf_counter()
+            model_uri = log_model(uri, run_id, model_dir)
+            client.set_tag(run_id, "dataopt.model_uri", model_uri)
+            client.log_metric(run_id, "track.log_model_seconds", time.perf_counter() - t0)
 
         samples = art / "ingest" / "samples.parquet"
         if samples.exists():
@@ -188,9 +279,9 @@ def log_run(
                 tags=[InputTag("mlflow.data.context", "training"), InputTag("sha256", sha)],
             )])
     except BaseException:
-        client.set_terminated(run_id, status="FAILED")
+        client.set_terminated(run_id, status="FAILED", end_time=int(time.time() * 1000))
         raise
-    client.set_terminated(run_id, status="FINISHED")
+    client.set_terminated(run_id, status="FINISHED", end_time=int(time.time() * 1000))
     info = {"run_id": run_id, "experiment_id": exp_id, "tracking_uri": uri, "enabled": True}
     write_json(out_file, info)
     return info

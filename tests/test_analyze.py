@@ -258,13 +258,14 @@ def test_agreement_gate_trusts_labels_the_model_predicts(tmp_path):
     # clean data whose out-of-fold predictions all agree with the labels: the mixture alone still
     # splits the losses and flags samples; the agreement gate flags none of them
     paths = make_project(tmp_path, noise=0.0)
-    plain = Params().model_copy(update={"analyze": validate({"analyze": {"gate": "none"}}).analyze})
+    mixture = validate({"analyze": {"detector": "gmm"}})  # a mixture (the default detector is CL-based)
+    plain = validate({"analyze": {"detector": "gmm", "gate": "none"}})
     run_stage("analyze", plain, paths)
     mixture_only = pd.read_parquet(paths.artifacts / "analyze" / "analysis.parquet")
     assert mixture_only["is_label_issue"].sum() > 0
     np.testing.assert_array_equal(mixture_only["p_clean"], mixture_only["p_clean_mixture"])
 
-    metrics = run_stage("analyze", Params(), paths)  # default gate: agreement
+    metrics = run_stage("analyze", mixture, paths)  # default gate: agreement
     gated = pd.read_parquet(paths.artifacts / "analyze" / "analysis.parquet")
     assert metrics["n_label_issues"] == 0 and (gated["p_clean"] == 1.0).all()
     np.testing.assert_array_equal(gated["p_clean_mixture"], mixture_only["p_clean_mixture"])
@@ -272,7 +273,7 @@ def test_agreement_gate_trusts_labels_the_model_predicts(tmp_path):
 
     # where the prediction disagrees with the label, the mixture posterior decides
     paths = make_project(tmp_path / "noisy", noise=0.3)
-    run_stage("analyze", Params(), paths)
+    run_stage("analyze", mixture, paths)
     df = pd.read_parquet(paths.artifacts / "analyze" / "analysis.parquet")
     signals = pd.read_parquet(paths.artifacts / "perceive" / "signals.parquet")
     disagree = (signals["pred_label"] != signals["label"]).to_numpy()

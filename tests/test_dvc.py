@@ -6,7 +6,7 @@ import yaml
 
 from dataopt import artifacts
 from dataopt.config import Params
-from dataopt.stages import ORDER
+from dataopt.stages import HEADLINE, ORDER
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -54,6 +54,7 @@ def test_track_stage_logs_after_everything():
     assert st["cmd"] == "dataopt track"
     deps = set(_names(st["deps"]))
     assert {f"artifacts/{n}/metrics.json" for n in ORDER} <= deps
+    assert {f"artifacts/{n}/{STAGE_FILE}" for n in ORDER} <= deps  # timings: the MLflow run's start
     assert "artifacts/train/model" in deps and "artifacts/ingest/samples.parquet" in deps
     assert {"tracking", *ORDER} <= set(_names(st["params"]))
     assert st["outs"] == [{"artifacts/track/run.json": {"cache": False}}]
@@ -69,13 +70,20 @@ def test_every_dep_is_produced_by_an_earlier_stage():
         produced |= set(_names(st.get("outs"))) | set(_names(st.get("metrics")))
 
 
-def test_plots_point_into_stage_outputs():
+def test_plots_are_static_images_inside_stage_outputs():
+    # vega plots need scripts from a CDN (blank offline): every plot is a PNG a stage writes
     outs = {p for st in STAGES.values() for p in _names(st.get("outs"))}
     plots = _names(DVC["plots"])
-    assert "artifacts/evaluate/plots/confusion_matrix.png" in plots
-    assert all(p.endswith(".png") for p in plots)  # static images: `dvc plots show` works offline
+    assert {"artifacts/evaluate/plots/training_curve.png", "artifacts/evaluate/plots/per_class_accuracy.png",
+            "artifacts/evaluate/plots/reliability.png", "artifacts/evaluate/plots/confusion_matrix.png",
+            "artifacts/analyze/plots/loss_mixture.png"} <= set(plots)
     for p in plots:
+        assert p.endswith(".png"), p
         assert any(p == o or p.startswith(o + "/") for o in outs), p
+
+
+def test_dvc_plots_output_is_git_ignored():
+    assert "/dvc_plots/" in (ROOT / ".gitignore").read_text().splitlines()
 
 
 def test_dvcignore_hides_bytecode_from_the_code_dependency():
@@ -113,6 +121,12 @@ def test_fresh_project_dvc_repro_then_nothing_to_do_then_experiment(tmp_path):
     assert "Running stage" not in sh(str(BIN / "dvc"), "repro")
     assert "up to date" in sh(str(BIN / "dvc"), "status")
     first = json.loads((project / "artifacts" / "track" / "run.json").read_text())
+    records = {n: json.loads((project / "artifacts" / n / "stage.json").read_text()) for n in ORDER}
+    assert len({r["launcher"] for r in records.values()}) == 1  # one `dvc repro` process ran them all
+    metrics = json.loads((project / "artifacts" / "evaluate" / "metrics.json").read_text())
+    assert set(metrics) == set(HEADLINE["evaluate"])  # headline only: `dvc exp show` stays readable
+    plots = sh(str(BIN / "dvc"), "plots", "show", "--json")
+    assert "per_class_accuracy.png" in plots and "vega" not in plots.lower()
     # one cache: after `dvc repro`, `dataopt run` reuses every stage (and logs one more MLflow run)
     out = sh(str(BIN / "dataopt"), "run")
     assert all(re.search(rf"^\s+{n}\s+cached\s", out, re.M) for n in ORDER), out
@@ -133,3 +147,14 @@ def test_fresh_project_dvc_repro_then_nothing_to_do_then_experiment(tmp_path):
     assert sorted(r.data.tags["dataopt.entry_point"] for r in runs) == ["dvc", "dvc-exp", "prefect"]
     exp_run = next(r for r in runs if r.data.tags["dataopt.entry_point"] == "dvc-exp")
     assert exp_run.data.params["optimize.ratio"] == "0.5"
+
+    # each run spans its own execution: `dvc repro` from ingest's start, the experiment from
+    # optimize's (the stages DVC skipped are not counted), both to after evaluate
+    repro_run = client.get_run(first["run_id"])
+    start, end = repro_run.info.start_time / 1000, repro_run.info.end_time / 1000
+    assert start == pytest.approx(records["ingest"]["started_at"], abs=0.002)
+    assert end - start >= sum(r["metrics"]["seconds"] for r in records.values())
+    assert end >= records["evaluate"]["ended_at"]
+    optimize = json.loads((project / "artifacts" / "optimize" / "stage.json").read_text())
+    assert exp_run.info.start_time / 1000 == pytest.approx(optimize["started_at"], abs=0.002)
+    assert exp_run.data.tags["dataopt.run_start"] == "stages"

@@ -87,8 +87,12 @@ def test_dataopt_run_end_to_end(tmp_path):
     assert run.data.params["tracking.experiment"] == "dataopt"
     assert run.data.metrics["evaluate.accuracy"] == pytest.approx(metrics["accuracy"])
     assert run.data.tags["dataopt.entry_point"] == "prefect"
-    assert {f.path for f in client.list_artifacts(run.info.run_id, "model")} >= {
-        "model/model.safetensors", "model/config.json"}
+    (model,) = run.outputs.model_outputs  # the trained model as an MLflow model (Models column)
+    assert client.get_logged_model(model.model_id).source_run_id == run.info.run_id
+    # the run spans the pipeline: from the first stage's start to after the last stage
+    records = [json.loads((project / "artifacts" / n / "stage.json").read_text()) for n in ORDER]
+    assert run.info.start_time / 1000 <= min(r["started_at"] for r in records)
+    assert (run.info.end_time - run.info.start_time) / 1000 >= sum(r["metrics"]["seconds"] for r in records)
     assert len(run.inputs.dataset_inputs) == 1
 
     out2, t2 = dataopt_run(project)

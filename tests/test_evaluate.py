@@ -20,7 +20,7 @@ from dataopt.io import save_npy, write_parquet
 from dataopt.paths import Paths
 from dataopt.schema import PLAN_COLUMNS, SAMPLES_COLUMNS
 from dataopt.stages import evaluate as evaluate_stage
-from dataopt.stages import run_stage
+from dataopt.stages import HEADLINE, run_stage
 from dataopt.stages import train as train_stage
 from conftest import identity_plan
 
@@ -151,10 +151,16 @@ def test_metrics_and_cost_of_half_the_data(evaluated):
     assert flat["samples_seen"] == (n_train // 2) * EPOCHS
     assert flat["cost_ratio"] == pytest.approx(0.5, abs=0.01)
 
+    # metrics.json holds the headline scalars only (dvc exp show columns); stage.json all of them
     on_disk = json.loads((paths.artifacts / "evaluate" / "metrics.json").read_text())
-    for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece", "nll", "n_test", "cost_ratio"):
+    assert set(on_disk) == set(HEADLINE["evaluate"])
+    for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece", "nll", "cost_ratio", "samples_seen"):
         assert on_disk[k] == pytest.approx(flat[k]), k
-    per_class = on_disk["per_class_accuracy"]
+    stage = json.loads((paths.artifacts / "evaluate" / "stage.json").read_text())
+    assert stage["metrics"] == json.loads(json.dumps(flat))
+    assert stage["started_at"] <= stage["ended_at"] and stage["stage"] == "evaluate"
+    rows = json.loads((paths.artifacts / "evaluate" / "report.json").read_text())["per_class"]
+    per_class = {r["class"]: r["accuracy"] for r in rows}
     assert list(per_class) == [f"d{i}" for i in range(10)]
     # balanced accuracy is the mean of the per-class accuracies (every class has test samples)
     assert np.mean(list(per_class.values())) == pytest.approx(flat["balanced_accuracy"])
@@ -163,12 +169,17 @@ def test_metrics_and_cost_of_half_the_data(evaluated):
 def test_plots_written(evaluated):
     paths = evaluated[0]
     plots = paths.artifacts / "evaluate" / "plots"
-    png = (plots / "confusion_matrix.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
-    rows = json.loads((plots / "per_class.json").read_text())
+    assert {p.name for p in plots.iterdir()} == {
+        "confusion_matrix.png", "per_class_accuracy.png", "reliability.png", "training_curve.png"}
+    for f in plots.iterdir():
+        png = f.read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000, f.name
+    report = json.loads((paths.artifacts / "evaluate" / "report.json").read_text())
+    rows = report["per_class"]
     assert [r["class"] for r in rows] == [f"d{i}" for i in range(10)]
     assert all(0 <= r["accuracy"] <= 1 for r in rows)
-    rel = json.loads((plots / "reliability.json").read_text())
+    assert np.asarray(report["confusion"]).sum() == 360
+    rel = report["reliability"]
     assert len(rel) == Params().evaluate.ece_bins
     assert sum(r["count"] for r in rel) == 360
 
@@ -197,7 +208,8 @@ def test_dropped_class_shows_in_per_class_accuracy(tmp_path):
     plan_keeping(paths, y != 5)
     train_stage.run(params(), paths)
     evaluate_stage.run(params(), paths)
-    per_class = json.loads((paths.artifacts / "evaluate" / "metrics.json").read_text())["per_class_accuracy"]
+    rows = json.loads((paths.artifacts / "evaluate" / "report.json").read_text())["per_class"]
+    per_class = {r["class"]: r["accuracy"] for r in rows}
     assert per_class["d5"] <= 0.05
     assert min(v for k, v in per_class.items() if k != "d5") >= 0.7
 

@@ -75,8 +75,15 @@ def train_saved_head(paths: Paths, keep: np.ndarray | None = None, history: list
     return config
 
 
-def on_disk(paths: Paths) -> dict:
+def on_disk_headline(paths: Paths) -> dict:
     return json.loads((paths.artifacts / "evaluate" / "metrics.json").read_text())
+
+
+def on_disk(paths: Paths) -> dict:
+    """Every metric run_stage recorded (stage.json) and the per-class accuracy of report.json."""
+    out = json.loads((paths.artifacts / "evaluate" / "stage.json").read_text())["metrics"]
+    rows = json.loads((paths.artifacts / "evaluate" / "report.json").read_text())["per_class"]
+    return {**out, "per_class_accuracy": {r["class"]: r["accuracy"] for r in rows}}
 
 
 # ---------------------------------------------------------------- shot bands (pure functions)
@@ -126,6 +133,14 @@ def test_reference_ratios(project, tmp_path, monkeypatch):
               "seconds_ratio", "accuracy_delta", "cost_ratio"):
         assert saved[k] == pytest.approx(flat[k]), k
 
+    # a headline-only metrics.json (what run_stage writes) is completed from the stage.json beside it
+    flat2 = run_stage("evaluate", params(reference=str(project.artifacts / "evaluate" / "metrics.json")),
+                      project)
+    assert set(evaluate_stage.REFERENCE_KEYS) - set(on_disk_headline(project)), "the headline must lack some keys"
+    assert flat2["reference_steps"] == 16 and flat2["reference_train_seconds"] == 3.0
+    assert flat2["reference_accuracy"] == pytest.approx(flat["accuracy"])
+    assert flat2["samples_seen_ratio"] == 1.0
+
     # an absolute path works as well; a reference of 0 seconds gives no ratio rather than a crash
     write_json(tmp_path / "abs.json", {**ref, "train_seconds": 0})
     flat = evaluate_stage.run(params(reference=str(tmp_path / "abs.json")), project)
@@ -158,7 +173,7 @@ def test_no_train_section_no_step_ratio_and_image_models_still_evaluate(project)
     assert counts.min() > 100  # every digit is many-shot
     assert (flat["n_many"], flat["n_medium"], flat["n_few"]) == (10, 0, 0)
     assert flat["medium_shot_accuracy"] is None and flat["few_shot_accuracy"] is None
-    rows = json.loads((project.artifacts / "evaluate" / "plots" / "per_class.json").read_text())
+    rows = json.loads((project.artifacts / "evaluate" / "report.json").read_text())["per_class"]
     assert [r["train_count"] for r in rows] == counts.tolist() and {r["shot"] for r in rows} == {"many"}
 
 
@@ -177,7 +192,7 @@ def test_shot_bands_on_an_imbalanced_plan(project):
     counts = np.array(config["class_counts"])
     assert counts[7:].tolist() == [10] * 3 and counts[4:7].tolist() == [50] * 3 and counts[:4].min() > 100
 
-    flat = evaluate_stage.run(params(), project)
+    flat = run_stage("evaluate", params(), project)
     assert (flat["n_many"], flat["n_medium"], flat["n_few"]) == (4, 3, 3)
     assert "shot_bands" not in flat
     per_class = on_disk(project)["per_class_accuracy"]
@@ -187,7 +202,7 @@ def test_shot_bands_on_an_imbalanced_plan(project):
     assert flat["few_shot_accuracy"] == pytest.approx(acc[7:].mean())
     for k in ("many_shot_accuracy", "medium_shot_accuracy", "few_shot_accuracy", "n_few"):
         assert on_disk(project)[k] == pytest.approx(flat[k]), k
-    rows = json.loads((project.artifacts / "evaluate" / "plots" / "per_class.json").read_text())
+    rows = json.loads((project.artifacts / "evaluate" / "report.json").read_text())["per_class"]
     assert [r["shot"] for r in rows] == ["many"] * 4 + ["medium"] * 3 + ["few"] * 3
 
     # other thresholds move the bands: with (5, 40) the 10-image classes are medium, none is few
@@ -204,7 +219,7 @@ def test_balanced_plan_reports_balanced(project):
         rank[y == c] = np.arange((y == c).sum())
     config = train_saved_head(project, rank < 60)
     assert set(config["class_counts"]) == {60}
-    flat = evaluate_stage.run(params(), project)
+    flat = run_stage("evaluate", params(), project)
     assert flat["shot_bands"] == "balanced" and on_disk(project)["shot_bands"] == "balanced"
     assert not any(k.endswith("_shot_accuracy") for k in flat)
 

@@ -1,15 +1,23 @@
 """The seven stages, in pipeline order. Each module exposes ``run(params, paths) -> dict``.
 
 What a stage reads and writes and which params sections it depends on is declared once in
-:mod:`dataopt.artifacts`; :func:`run_stage` enforces it while the stage runs.
+:mod:`dataopt.artifacts`; :func:`run_stage` enforces it while the stage runs, and writes two files per stage besides the stage's own outputs:
+
+- ``<stage>/metrics.json``: the stage's ``HEADLINE`` metrics only (a handful of scalars), so that
+  ``dvc exp show`` / ``dvc metrics show`` stay readable; the DVC metric of the stage.
+- ``<stage>/stage.json``: every metric the stage returned, when it started and ended (unix seconds)
+  and which process launched it (``launcher``); a plain output. The ``track`` stage takes the MLflow
+  run's start from these (see :func:`launcher`) and logs every metric from them.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from types import ModuleType
-from typing import Any
+from typing import Any, Optional
 
+from dataopt import artifacts as art
 from dataopt.artifacts import ORDER, stage_context
 from dataopt.config import Params
 from dataopt.errors import ConfigError
@@ -18,6 +26,22 @@ from dataopt.paths import Paths
 
 __all__ = ["ORDER", "module", "run_stage"]
 
+# the columns `dvc exp show` gets per stage; everything else a stage returns is in stage.json
+HEADLINE = {
+    "ingest": ("n_train", "n_test", "n_quarantined", "n_classes", "noise_rate", "seconds"),
+    "embed": ("dim", "proxy_oof_accuracy", "seconds"),
+    "perceive": ("oof_accuracy", "mean_loss_early", "seconds"),
+    "analyze": ("estimated_noise_rate", "n_label_issues", "detection_f1", "seconds"),
+    "optimize": ("n_kept", "kept_share", "mean_weight", "seconds"),
+    "train": ("epochs", "samples_seen", "final_loss", "train_seconds", "seconds"),
+    "evaluate": ("accuracy", "balanced_accuracy", "macro_f1", "ece", "nll", "cost_ratio",
+                 "samples_seen", "seconds"),
+}
+METRICS_FILE = "metrics.json"
+STAGE_FILE = "stage.json"
+
+_SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "fish", "busybox"})
+
 
 def module(name: str) -> ModuleType:
     if name not in ORDER:
@@ -25,17 +49,56 @@ def module(name: str) -> ModuleType:
     return importlib.import_module(f"dataopt.stages.{name}")
 
 
+def _proc_stat(pid: int) -> Optional[tuple[str, int, str]]:
+    """``(command name, parent pid, start time in clock ticks)`` from Linux's /proc, else None."""
+    try:
+        raw = open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace").read()
+    except OSError:
+        return None
+    comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+    rest = raw[raw.rindex(")") + 2 :].split()
+    return comm, int(rest[1]), rest[19]  # fields 4 (ppid) and 22 (starttime) of proc(5)
+
+
+def launcher() -> str:
+    """The process that launched this one, past any shell, as ``"<pid>@<start ticks>"``.
+
+    Every stage of one ``dvc repro`` / ``dvc exp run`` is a child (through ``$SHELL -c``) of the same
+    DVC process, so equal launchers mean one pipeline execution; the start time makes a reused pid
+    differ. Outside Linux it is the parent pid alone.
+    """
+    pid = os.getppid()
+    for _ in range(8):  # a few nested shells at most
+        stat = _proc_stat(pid)
+        if stat is None:
+            return str(pid)
+        comm, ppid, start = stat
+        if comm not in _SHELLS or ppid <= 1:
+            return f"{pid}@{start}"
+        pid = ppid
+    return str(pid)
+
+
+def headline(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The ``HEADLINE`` entries of a stage's metrics that it returned (missing ones left out)."""
+    return {k: metrics[k] for k in HEADLINE[name] if k in metrics}
+
+
 def run_stage(name: str, params: Params, paths: Paths, **hooks: Any) -> dict[str, Any]:
-    """Run one stage, write ``artifacts/<name>/metrics.json`` and return its metrics.
+    """Run one stage, write ``artifacts/<name>/{metrics,stage}.json`` and return all its metrics.
 
     ``hooks`` are passed to the stage's ``run`` (e.g. ``map_shards`` for ``embed``: how an
     orchestrator runs the per-shard work; see ``dataopt.stages.embed``).
     """
     mod = module(name)
+    started = time.time()
     t0 = time.perf_counter()
     with stage_context(name):
         metrics = dict(mod.run(params, paths, **hooks) or {})
     metrics.setdefault("seconds", round(time.perf_counter() - t0, 3))
-    if name != "evaluate":  # evaluate writes its own, richer metrics.json
-        write_json(paths.stage(name) / "metrics.json", metrics)
+    with stage_context(name):
+        art.write_json(paths, f"{name}/{STAGE_FILE}", {
+            "stage": name, "started_at": started, "ended_at": time.time(), "launcher": launcher(),
+            "metrics": metrics})
+        art.write_json(paths, f"{name}/{METRICS_FILE}", headline(name, metrics))
     return metrics

@@ -1,9 +1,10 @@
 """evaluate stage: the trained model on the held-out (test) split, and what its training cost.
 
-Writes ``artifacts/evaluate/metrics.json`` itself (it nests ``per_class_accuracy``, which the flat
-metrics returned to ``run_stage`` cannot) and ``artifacts/evaluate/plots/``: ``confusion_matrix.png``,
-``per_class.json`` (rows ``{class, accuracy, train_count, shot}``) and ``reliability.json`` (rows per
-confidence bin).
+Returns the flat metrics (``run_stage`` writes the headline ones to ``metrics.json`` and all to
+``stage.json``) and writes ``artifacts/evaluate/report.json``: ``per_class`` (rows ``{class, accuracy,
+train_count, shot}``), ``reliability`` (rows per confidence bin) and ``confusion`` (counts, rows =
+true class); and ``artifacts/evaluate/plots/``: ``confusion_matrix.png``, ``per_class_accuracy.png``,
+``reliability.png`` and ``training_curve.png`` (from ``train/history.json``).
 
 Inputs. An image model is evaluated on ``ingest/images.npy``; a head (model config ``input.kind ==
 "embedding"``, :func:`dataopt.train.head.train_head`) on the test rows of ``embed/embeddings.npy``.
@@ -24,12 +25,13 @@ Metrics beyond accuracy, calibration and per-class accuracy:
   ``full_data_steps = ceil(n_train_total / batch_size) * epochs`` and ``steps_ratio`` when the model
   config records ``train.batch_size``.
 - against a reference run (``evaluate.reference``: the metrics.json of a full-data run, relative to the
-  project root): ``reference_{samples_seen,steps,train_seconds,accuracy}``, ``samples_seen_ratio``,
+  project root; keys it lacks are read from the ``stage.json`` beside it): ``reference_{samples_seen,steps,train_seconds,accuracy}``, ``samples_seen_ratio``,
   ``steps_ratio_vs_reference``, ``seconds_ratio`` (this run / reference; null when the reference
   value is 0) and ``accuracy_delta`` (this run - reference).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any
@@ -41,7 +43,7 @@ import torch
 from dataopt.config import Params
 from dataopt.errors import DataError
 from dataopt.evaluate.metrics import classification_report, reliability, shot_accuracy, shot_bands
-from dataopt.evaluate.plots import confusion_png
+from dataopt.evaluate.plots import confusion_png, per_class_png, reliability_png, training_curve_png
 from dataopt.io import load_npy, read_json, write_json
 from dataopt.paths import Paths
 from dataopt.schema import TEST, TRAIN, require
@@ -55,7 +57,7 @@ INPUTS = (
     "train/model/config.json",
     "train/history.json",
 )
-OUTPUTS = ("evaluate/plots",)  # metrics.json too, written by this stage (see module docstring)
+OUTPUTS = ("evaluate/report.json", "evaluate/plots")
 PARAMS = ("evaluate",)
 
 
@@ -82,6 +84,10 @@ def _reference(ep: Any, paths: Paths) -> dict[str, float] | None:
     except (OSError, ValueError) as exc:
         problem = f"is not a readable JSON file ({exc})"
     else:
+        beside = path.parent / "stage.json"  # a headline-only metrics.json: the rest is in stage.json
+        if isinstance(ref, dict) and beside.is_file() and not set(REFERENCE_KEYS) <= set(ref):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                ref = {**read_json(beside)["metrics"], **ref}
         try:
             return {k: float(ref[k]) for k in REFERENCE_KEYS}
         except (KeyError, TypeError, ValueError, IndexError):
@@ -185,19 +191,23 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     per_class = {n: _none_if_nan(a) for n, a in zip(names, rep["per_class_accuracy"])}
     bands = shot_bands(counts, ep.shot_thresholds)
 
-    plots = paths.stage("evaluate") / "plots"
-    confusion_png(plots / "confusion_matrix.png", rep["confusion"], names)
-    write_json(plots / "per_class.json", [
-        {"class": n, "accuracy": a, "train_count": int(c), "shot": str(b)}
-        for (n, a), c, b in zip(per_class.items(), counts, bands)
-    ])
+    out = paths.stage("evaluate")
+    plots = out / "plots"
     rel = reliability(probs, y, ep.ece_bins)
-    write_json(plots / "reliability.json", [
-        {"bin": int(b), "lower": float(rel["lower"][b]), "upper": float(rel["upper"][b]),
-         "count": int(rel["count"][b]), "confidence": _none_if_nan(rel["confidence"][b]),
-         "accuracy": _none_if_nan(rel["accuracy"][b])}
-        for b in range(ep.ece_bins)
-    ])
+    confusion_png(plots / "confusion_matrix.png", rep["confusion"], names)
+    per_class_png(plots / "per_class_accuracy.png", names, list(per_class.values()), counts)
+    reliability_png(plots / "reliability.png", rel, rep["ece"])
+    training_curve_png(plots / "training_curve.png", history)
+    write_json(out / "report.json", {
+        "per_class": [{"class": n, "accuracy": a, "train_count": int(c), "shot": str(b)}
+                      for (n, a), c, b in zip(per_class.items(), counts, bands)],
+        "reliability": [
+            {"bin": int(b), "lower": float(rel["lower"][b]), "upper": float(rel["upper"][b]),
+             "count": int(rel["count"][b]), "confidence": _none_if_nan(rel["confidence"][b]),
+             "accuracy": _none_if_nan(rel["accuracy"][b])}
+            for b in range(ep.ece_bins)],
+        "confusion": np.asarray(rep["confusion"]).tolist(),
+        "class_names": names,
+    })
     flat["eval_seconds"] = round(time.perf_counter() - t0, 3)
-    write_json(paths.stage("evaluate") / "metrics.json", {**flat, "per_class_accuracy": per_class})
     return flat
