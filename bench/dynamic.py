@@ -54,7 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import argument_parser, stratified_subset  # noqa: E402
-from dataopt.registry import DYNAMIC_SELECTORS, load_plugins  # noqa: E402
+from dataopt.plugins import load_plugins  # noqa: E402
+from dataopt.registry import DYNAMIC_SELECTORS  # noqa: E402
 from dataopt.train import loop  # noqa: E402
 from dataopt.train.nets import AirbenchNet, Head  # noqa: E402
 
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
 
     if "adaaugment" in args.parts and args.model == "airbench":
-        from dataopt.dynamic.adaaugment import AdaAugment
+        from dataopt.train.adaaugment import AdaAugment
         from dataopt.optimize.augment.batch import BatchAugmenter
 
         y = bench.labels["clean"]

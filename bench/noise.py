@@ -243,7 +243,7 @@ def save_dynamics(root: Path, dest: Path, meta: dict[str, Any], max_bytes: int =
     Returns the file's size in bytes.
     """
     from dataopt.io import atomic_path
-    from dataopt.perceive import Dynamics
+    from dataopt.perceive.dynamics import Dynamics
     from dataopt.schema import TRAIN
 
     art = Path(root) / "artifacts"
@@ -336,7 +336,7 @@ def restore_project(src: Path, root: Path) -> dict[str, Any]:
     flags read. Returns the file's meta."""
     from dataopt.io import save_npy, save_npz, write_parquet
     from dataopt.paths import Paths
-    from dataopt.perceive import Dynamics
+    from dataopt.perceive.dynamics import Dynamics
 
     meta, d = read_dynamics(src)
     paths = Paths.at(root)

@@ -122,7 +122,7 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
     """Seconds per selector (global and per class, ratio 0.3 and 0.7) on synthetic 50k x 512."""
     import pandas as pd
 
-    import dataopt.optimize  # noqa: F401
+    import dataopt.plugins  # noqa: F401
     from dataopt.registry import SELECTORS
 
     rng = np.random.default_rng(0)
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.data / "train.parquet").exists():
         print(f"bench/selection.py: {args.data / 'train.parquet'} is absent; skipping")
         return 0
-    import dataopt.optimize  # noqa: F401
+    import dataopt.plugins  # noqa: F401
 
     train = pq.read_table(args.data / "train.parquet")
     subset = stratified_subset(train.column("label").to_numpy(), args.n, seed=0)

@@ -1,7 +1,8 @@
 """The ``dataopt`` command: run the chain (Prefect), one stage (what ``dvc.yaml`` calls), tracking, UI.
 
 Prefect, MLflow and DVC are imported lazily inside the commands that need them, so ``import
-dataopt.cli`` (and ``dataopt stage``) stays as light as the library.
+dataopt.cli`` (and ``dataopt stage``) stays as light as the library; so are the method families
+(:mod:`dataopt.plugins`, torch): ``--help`` and a params.yaml schema error never wait for them.
 """
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from dataopt import stages
+from dataopt.config import load_params
 from dataopt.errors import UserError
+from dataopt.paths import Paths
 
 MAIN_EPILOG = """\
 examples:
@@ -128,11 +132,16 @@ def _locate(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    from dataopt.config import load_params
-    from dataopt.paths import Paths
-
     root, params_file = _locate(args)
-    return load_params(params_file, getattr(args, "overrides", None)), Paths.at(root)
+    return _checked_params(params_file, getattr(args, "overrides", None)), Paths.at(root)
+
+
+def _checked_params(params_file: Path, overrides: Optional[list[str]]) -> Any:
+    """The schema first (fast), then the method names against the loaded plug-ins."""
+    params = load_params(params_file, overrides)
+    from dataopt.plugins import check_methods  # why: imports torch and every method family (seconds)
+
+    return check_methods(params)
 
 
 def _fmt(v: Any) -> str:
@@ -140,8 +149,6 @@ def _fmt(v: Any) -> str:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from dataopt import stages
-
     stages.module(args.name)  # unknown stage -> UserError before anything is read
     params, paths = _load(args)
     t0 = time.perf_counter()
@@ -152,7 +159,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_track(args: argparse.Namespace) -> int:
-    from tasks.tracking import log_run
+    from tasks.tracking import log_run  # why: MLflow, only for this command
 
     params, paths = _load(args)
     info = log_run(params, paths, overrides=args.overrides)
@@ -200,13 +207,11 @@ def _quiet_user_errors() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     root, params_file = _locate(args)
-    from dataopt.config import load_params
-
-    load_params(params_file, args.overrides)  # fail fast, before Prefect starts its API
+    _checked_params(params_file, args.overrides)  # fail fast, before Prefect starts its API
     # offline machines: no telemetry attempts from the ephemeral API (a user setting still wins)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     _quiet_user_errors()
-    from flows.curate import run
+    from flows.curate import run  # why: Prefect, only for this command
 
     summary = run(params_file, args.overrides, root, no_cache=args.no_cache)
     print(summary_text(summary, root))
@@ -220,7 +225,7 @@ def ui_command(uri: str, port: int) -> list[str]:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from tasks.tracking import tracking_uri
+    from tasks.tracking import tracking_uri  # why: MLflow, only for this command
 
     params, paths = _load(args)
     uri = tracking_uri(params, paths)

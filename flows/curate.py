@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from dataopt.config import Params, load_params
 from dataopt.errors import ConfigError
 from dataopt.paths import Paths
+from dataopt.plugins import check_methods
 from dataopt.stages import ORDER
 from tasks.stages import outputs_match, stage_task, track_task
 
@@ -65,7 +66,7 @@ def curate(
     logger = get_run_logger()
     paths = Paths.at(project)
     params_path = params_path or str(paths.params)
-    params = load_params(params_path, overrides)
+    params = check_methods(load_params(params_path, overrides))
     summary: dict[str, Any] = {"stages": {}}
     for name in ORDER:
         t0 = time.perf_counter()
@@ -102,7 +103,7 @@ def curate(
 def run(params_path: str | os.PathLike, overrides: Optional[list[str]], project: str | os.PathLike,
         no_cache: bool = False) -> dict[str, Any]:
     """Validate params (fast, before Prefect starts), pick the task runner, run :func:`curate`."""
-    params = load_params(params_path, overrides)
+    params = check_methods(load_params(params_path, overrides))
     return curate.with_options(task_runner=task_runner(params))(
         params_path=str(params_path), overrides=list(overrides or []), project=str(project),
         no_cache=no_cache)

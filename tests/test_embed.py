@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from dataopt.config import validate
-from dataopt.embed import PixelsEmbedder, ProxyEmbedder, check_finite, knn_search
-from dataopt.embed.base import Embedder
+from dataopt.embed.backends import PixelsEmbedder, ProxyEmbedder
+from dataopt.embed.base import Embedder, check_finite
+from dataopt.embed.knn import knn_search
 from dataopt.errors import ConfigError, DataError, MissingArtifactError
 from dataopt.io import load_npy, read_json, save_npy
 from dataopt.paths import Paths

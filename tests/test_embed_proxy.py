@@ -9,8 +9,8 @@ import torch
 
 from conftest import map_fresh_workers, map_interrupted_after_two
 from dataopt.config import validate
-from dataopt.embed import ProxyEmbedder
 from dataopt.embed import backends
+from dataopt.embed.backends import ProxyEmbedder
 from dataopt.embed import shards as shardlib
 from dataopt.errors import DataError
 from dataopt.io import load_npy, read_json

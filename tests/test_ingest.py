@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dataopt import registry
+from dataopt import plugins, registry
 from dataopt.config import validate
 from dataopt.errors import DataError
 from dataopt.ingest import labels as lab
@@ -153,7 +153,7 @@ BAD = {
 
 # ---------------------------------------------------------------- sources
 def test_sources_registered():
-    registry.load_plugins()
+    plugins.load_plugins()
     assert {"sklearn_digits", "imagefolder", "parquet", "csv"} <= set(registry.SOURCES.names())
     assert stage.INPUTS == () and stage.PARAMS == ("seed", "ingest")
     assert set(stage.OUTPUTS) >= {f"ingest/{n}" for n in ("samples.parquet", "images.npy",

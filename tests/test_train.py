@@ -19,7 +19,8 @@ from dataopt.paths import Paths
 from dataopt.schema import PLAN_COLUMNS, SAMPLES_COLUMNS
 from dataopt.stages import run_stage
 from dataopt.stages import train as train_stage
-from dataopt.train import load_model, loop
+from dataopt.train import loop
+from dataopt.train.checkpoint import load_model
 
 EPOCHS, WIDTH = 4, 16  # small and quick; still >= 0.9 test accuracy on digits
 

@@ -1,5 +1,4 @@
 """analyze: model what perception measured (loss mixtures -> p_clean, label issues).
 
-Importing this package registers the ``DETECTORS``.
-"""
-from dataopt.analyze import confident, mixture  # noqa: F401  (registers the detectors)
+Modules: :mod:`.mixture` and :mod:`.confident` (the ``DETECTORS``), :mod:`.base` (shared helpers),
+:mod:`.report` (tables and plots of the analyze stage)."""

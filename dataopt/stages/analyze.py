@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import dataopt.analyze  # noqa: F401  (fills DETECTORS)
+import dataopt.plugins  # noqa: F401  (fills the registries)
 from dataopt.analyze import report
 from dataopt.analyze.base import LazyInputs, agreement_gate, arrow_table, fit_method
 from dataopt.analyze.confident import ConfidentLearning, check_probs

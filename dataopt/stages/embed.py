@@ -53,12 +53,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+import dataopt.plugins  # noqa: F401  (fills the registries)
 from dataopt.config import Params
-from dataopt.embed import check_finite
+from dataopt.embed import shards as shardlib
+from dataopt.embed.base import Embedder, check_finite
 from dataopt.embed.duplicates import duplicate_groups
 from dataopt.embed.knn import knn_graph
-from dataopt.embed import shards as shardlib
-from dataopt.embed.base import Embedder
 from dataopt.errors import DataError
 from dataopt.io import file_digest, load_npy, save_npy, save_npz, write_json
 from dataopt.paths import Paths

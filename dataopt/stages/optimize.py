@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-import dataopt.optimize  # noqa: F401  (fills the five registries)
+import dataopt.plugins  # noqa: F401  (fills the registries)
 from dataopt.analyze.base import LazyInputs, arrow_table
 from dataopt.config import Params
 from dataopt.errors import DataError

@@ -19,7 +19,9 @@ from dataopt.config import Params
 from dataopt.errors import DataError
 from dataopt.io import load_npy, write_json, write_parquet
 from dataopt.paths import Paths
-from dataopt.perceive import OOFDynamics, SignalInputs, class_table, compute_signals, corpus_summary
+from dataopt.perceive.dynamics import OOFDynamics
+from dataopt.perceive.signals import SignalInputs, compute_signals
+from dataopt.perceive.summary import class_table, corpus_summary
 from dataopt.schema import TRAIN, require
 from dataopt.stages.embed import read_images, read_samples
 
