@@ -11,13 +11,14 @@ from dataopt.embed.knn import knn_search
 from dataopt.errors import ConfigError, DataError, MissingArtifactError
 from dataopt.io import load_npy, read_json, save_npy
 from dataopt.paths import Paths
+from dataopt.plugins import check_methods
 from dataopt.registry import EMBEDDERS
 from dataopt.stages import embed as embed_stage
 from dataopt.stages import run_stage
 
 
 def _params(**embed):
-    return validate({"embed": embed})
+    return check_methods(validate({"embed": embed}))
 
 
 def _brute_knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
