@@ -1,6 +1,6 @@
 """PERCEIVE stage: out-of-fold training dynamics and per-sample / per-class / corpus signals.
 
-Writes ``artifacts/perceive/``: ``dynamics.npz`` (see :class:`dataopt.perceive.Dynamics`),
+Writes ``artifacts/perceive/``: ``dynamics.npz`` (see :class:`dataopt.perceive.dynamics.Dynamics`),
 ``signals.parquet`` (train rows in samples order: sample_id, label, one column per signal; the signal
 catalogue is in the schema metadata under ``dataopt.signals``), ``classes.parquet`` and ``corpus.json``.
 Reads ``embed/text_embeddings.npy`` when the embedder wrote one (semantic consistency by text cosine).

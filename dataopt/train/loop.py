@@ -102,9 +102,9 @@ def fit(
     augment_fn : callable, optional
         ``augment_fn(xb (B, ...) as stored in x, indices (B,), epoch (1-based), gen) -> (B, ...) float``
         model input (normalised): replaces the built-in ``cfg.augment`` / ``augment_magnitudes``
-        handling (e.g. :class:`dataopt.optimize.augment.BatchAugmenter`); draw randomness from ``gen``.
+        handling (e.g. :class:`dataopt.optimize.augment.batch.BatchAugmenter`); draw randomness from ``gen``.
         None (default): the built-in path.
-    selector : a fitted dynamic selector (:mod:`dataopt.dynamic.selectors`), optional
+    selector : a fitted dynamic selector (:mod:`dataopt.train.dynamic_selection`), optional
         Decides each epoch's samples: ``selector.epoch_sizes_`` (E,) gives how many samples every
         epoch trains on (the learning-rate schedule is laid out over their steps) and
         ``selector.select(epoch, last_loss, gen) -> (positions (k,) int64, weights (k,) float or

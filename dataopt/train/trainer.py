@@ -158,7 +158,7 @@ def plan_training(ts: TrainSet, tp: Any) -> tuple[Optional[Any], Optional[Any], 
     ``loss_fn``: :func:`dataopt.train.losses.make_loss` on ``ts.train_directives`` (plus
     ``train.label_smoothing`` when the plan sets none; the class prior is the kept label
     frequencies), wrapped in the mixup criterion when the plan mixes batches; None = the loop default.
-    ``augment_fn``: a :class:`dataopt.optimize.augment.BatchAugmenter` when the plan has an ``image``
+    ``augment_fn``: a :class:`dataopt.optimize.augment.batch.BatchAugmenter` when the plan has an ``image``
     or ``mix`` policy (it then owns ``train.augment`` and the per-sample magnitudes); None otherwise.
     """
     loss_fn = None
