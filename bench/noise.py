@@ -163,6 +163,7 @@ def analyse(root: Path, seed: int, meta: dict[str, Any]) -> dict[str, Any]:
     ``dynamics`` (the meta of the proxy run that produced the probabilities)."""
     import pandas as pd
 
+    import dataopt.plugins  # noqa: F401  (fills the registries)
     from dataopt.config import validate
     from dataopt.paths import Paths
     from dataopt.registry import DETECTORS
