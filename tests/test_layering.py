@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +170,16 @@ def test_layering_rules():
             if within(t, ONLY_CLI_IMPORTS) and m != "dataopt.cli":
                 bad.append(f"{MODULES[m].relative_to(ROOT)}:{line}: {m} imports {t} (only dataopt.cli may)")
     assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def test_plugins_imports_every_module_that_registers_a_method():
+    """A module with ``@<REGISTRY>.register(...)`` is listed in dataopt/plugins.py, so that
+    ``check_methods`` and the stages see its methods."""
+    registering = {m for m, path in MODULES.items() if m != "dataopt.registry"
+                   and re.search(r"^@[A-Z_]+\.register\(", path.read_text(), re.M)}
+    assert len(registering) > 10
+    missing = sorted(registering - graph()["dataopt.plugins"])
+    assert not missing, f"dataopt/plugins.py does not import {missing}"
 
 
 def test_imports_inside_functions_are_heavy_optional_ones_and_say_why():
