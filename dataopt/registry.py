@@ -63,6 +63,8 @@ class Registry:
         return len(self._items)
 
     def get(self, name: str) -> Any:
+        if not self._items:  # a programming error, not the user's: nothing imported the method modules
+            raise RuntimeError(f"no {self.family} method is registered: import dataopt.plugins first")
         if name not in self._items:
             raise ConfigError(
                 f"unknown {self.family} method {name!r}; valid: {', '.join(self.names())}"
