@@ -76,7 +76,7 @@ def saved_dynamics(meta: dict, arrays: dict[str, np.ndarray]):
     from their float16 planes, ``p_label`` as ``exp(-loss)``, only the epochs kept
     (``meta["dynamics_epochs"]``). Files saved before ``center_distance`` existed give it as NaN; any
     other missing array is a KeyError."""
-    from dataopt.perceive import Dynamics
+    from dataopt.perceive.dynamics import Dynamics
 
     n, E = int(meta["n"]), len(meta["dynamics_epochs"])  # E < epochs_completed when thinned
     d = arrays

@@ -59,8 +59,9 @@ sys.path.insert(0, str(ROOT))
 
 from common import (RECIPES, argument_parser, dynamics_file, read_dynamics, require_dynamics,  # noqa: E402
                     saved_dynamics, stratified_subset)
-from dataopt.perceive import SignalInputs  # noqa: E402
-from dataopt.registry import DYNAMIC_SELECTORS, SELECTORS, load_plugins  # noqa: E402
+from dataopt.perceive.signals import SignalInputs  # noqa: E402
+import dataopt.plugins  # noqa: E402,F401  (fills the registries)
+from dataopt.registry import DYNAMIC_SELECTORS, SELECTORS  # noqa: E402
 from dataopt.train import loop  # noqa: E402
 from dataopt.train.nets import AirbenchNet, Head  # noqa: E402
 
@@ -279,7 +280,7 @@ def p_clean_gated(proxy: dict[str, np.ndarray], y: np.ndarray, early: int, detec
     ``calibrated_confidence``: on the out-of-fold probabilities), then the analyze stage's agreement
     gate (:func:`dataopt.analyze.detect_label_issues`; out-of-fold argmax == label -> clean)."""
     import pandas as pd
-    from dataopt.analyze import detect_label_issues
+    from dataopt.analyze.run import detect_label_issues
     from dataopt.analyze.base import LazyInputs, fit_method
     from dataopt.config import AnalyzeParams
     from dataopt.registry import DETECTORS
@@ -329,7 +330,6 @@ def chosen_on_val(entry: dict[str, Any], budgets: list[float]) -> dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    load_plugins()
     from dataopt.io import write_json
 
     if args.proxy_dynamics is not None:  # before hours of training, not after
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
 
     if "adaaugment" in args.parts and args.model == "airbench":
-        from dataopt.dynamic.adaaugment import AdaAugment
+        from dataopt.train.adaaugment import AdaAugment
         from dataopt.optimize.augment.batch import BatchAugmenter
 
         y = bench.labels["clean"]

@@ -178,7 +178,7 @@ def analyse(inputs: dict[str, Any], seed: int, meta: dict[str, Any]) -> dict[str
     out-of-fold probabilities and signals (``inputs``: :func:`project_inputs` or :func:`saved_inputs`);
     one run record: metrics per method, the true noise rate, the proxy's accuracy and ``dynamics``
     (the meta of the proxy run that produced the probabilities)."""
-    from dataopt.analyze import analyze
+    from dataopt.analyze.run import analyze
     from dataopt.analyze.confident import check_probs
     from dataopt.config import AnalyzeParams
     from dataopt.registry import DETECTORS
@@ -253,7 +253,7 @@ def save_dynamics(root: Path, dest: Path, meta: dict[str, Any], max_bytes: int =
     Returns the file's size in bytes.
     """
     from dataopt.io import atomic_path
-    from dataopt.perceive import Dynamics
+    from dataopt.perceive.dynamics import Dynamics
     from dataopt.schema import TRAIN
 
     art = Path(root) / "artifacts"

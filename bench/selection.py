@@ -123,7 +123,7 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
     """Seconds per selector (global and per class, ratio 0.3 and 0.7) on synthetic 50k x 512."""
     import pandas as pd
 
-    import dataopt.optimize  # noqa: F401
+    import dataopt.plugins  # noqa: F401
     from dataopt.registry import SELECTORS
 
     rng = np.random.default_rng(0)
@@ -161,7 +161,7 @@ def prepare(args: argparse.Namespace, label_column: str, subset: np.ndarray, tra
     (those of ``--dynamics`` where given); return the selector inputs and test data."""
     import pandas as pd
 
-    from dataopt.analyze import analyze
+    from dataopt.analyze.run import analyze
     from dataopt.analyze.confident import check_probs
     from dataopt.config import validate
     from dataopt.paths import Paths
@@ -250,7 +250,7 @@ def saved_signals(path: Path, rows: np.ndarray, labels: np.ndarray, signals, pro
     order) at ``rows``: every signal the library declares out of fold
     (:func:`dataopt.perceive.out_of_fold_signals`); embedding signals (kNN, class centre) stay this
     run's. The stage outputs on disk are left as perceive wrote them."""
-    from dataopt.perceive import out_of_fold_signals
+    from dataopt.perceive.signals import out_of_fold_signals
 
     meta, z = read_dynamics(path)
     if not np.array_equal(z["label"][rows], labels):
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.data / "train.parquet").exists():
         print(f"bench/selection.py: {args.data / 'train.parquet'} is absent; skipping")
         return 0
-    import dataopt.optimize  # noqa: F401
+    import dataopt.plugins  # noqa: F401
 
     for col in args.label_columns if args.dynamics is not None else ():
         require_dynamics(dynamics_file(args.dynamics, col, 0))  # before the stages run

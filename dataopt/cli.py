@@ -1,7 +1,8 @@
 """The ``dataopt`` command: run the chain (Prefect), one stage (what ``dvc.yaml`` calls), tracking, UI.
 
 Prefect, MLflow and DVC are imported lazily inside the commands that need them, so ``import
-dataopt.cli`` (and ``dataopt stage``) stays as light as the library.
+dataopt.cli`` (and ``dataopt stage``) stays as light as the library; so are the method families
+(:mod:`dataopt.plugins`, torch): ``--help`` and a params.yaml schema error never wait for them.
 """
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from dataopt import stages
+from dataopt.config import load_params
 from dataopt.errors import UserError
+from dataopt.artifacts import dvc_yaml
+from dataopt.io import atomic_path
+from dataopt.paths import Paths, check_sources
 
 MAIN_EPILOG = """\
 examples:
@@ -145,11 +151,16 @@ def _locate(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    from dataopt.config import load_params
-    from dataopt.paths import Paths
-
     root, params_file = _locate(args)
-    return load_params(params_file, getattr(args, "overrides", None)), Paths.at(root)
+    return _checked_params(params_file, getattr(args, "overrides", None)), Paths.at(root)
+
+
+def _checked_params(params_file: Path, overrides: Optional[list[str]]) -> Any:
+    """The schema first (fast), then the method names against the loaded plug-ins."""
+    params = load_params(params_file, overrides)
+    from dataopt.plugins import check_methods  # why: imports torch and every method family (seconds)
+
+    return check_methods(params)
 
 
 def _fmt(v: Any) -> str:
@@ -157,8 +168,6 @@ def _fmt(v: Any) -> str:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from dataopt import stages
-
     stages.module(args.name)  # unknown stage -> UserError before anything is read
     params, paths = _load(args)
     t0 = time.perf_counter()
@@ -169,7 +178,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_track(args: argparse.Namespace) -> int:
-    from tasks.tracking import log_run
+    from tasks.tracking import log_run  # why: MLflow, only for this command
 
     params, paths = _load(args)
     info = log_run(params, paths, overrides=args.overrides)
@@ -217,16 +226,12 @@ def _quiet_user_errors() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     root, params_file = _locate(args)
-    from dataopt.config import load_params
-
-    from dataopt.paths import Paths, check_sources
-
-    # fail fast, before Prefect starts its API: params, method names, the raw source's paths
-    check_sources(load_params(params_file, args.overrides), Paths.at(root))
+    params = _checked_params(params_file, args.overrides)  # fail fast, before Prefect starts its API
+    check_sources(params, Paths.at(root))  # and the raw source's paths
     # offline machines: no telemetry attempts from the ephemeral API (a user setting still wins)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     _quiet_user_errors()
-    from flows.curate import run
+    from flows.curate import run  # why: Prefect, only for this command
 
     summary = run(params_file, args.overrides, root, no_cache=args.no_cache)
     print(summary_text(summary, root))
@@ -240,9 +245,6 @@ def ui_command(uri: str, port: int) -> list[str]:
 
 
 def cmd_dvc_yaml(args: argparse.Namespace) -> int:
-    from dataopt.artifacts import dvc_yaml
-    from dataopt.io import atomic_path
-
     root = Path(args.project or ".").resolve()
     target, text = root / "dvc.yaml", dvc_yaml()
     current = target.read_text() if target.exists() else None
@@ -260,7 +262,7 @@ def cmd_dvc_yaml(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from tasks.tracking import tracking_uri
+    from tasks.tracking import tracking_uri  # why: MLflow, only for this command
 
     params, paths = _load(args)
     uri = tracking_uri(params, paths)

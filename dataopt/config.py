@@ -1,8 +1,11 @@
 """``params.yaml`` as pydantic models: one section per stage plus ``tracking`` and ``orchestration``.
 
-Every model forbids unknown keys; method names are checked against the plug-in registries. Errors are
-raised as :class:`dataopt.errors.ConfigError` with one readable line per problem that lists the valid
-keys or names.
+Every model forbids unknown keys. Errors are raised as :class:`dataopt.errors.ConfigError` with one
+readable line per problem that lists the valid keys.
+
+A pure schema: it imports pydantic and yaml, no method family (so no torch), and does not know which
+methods exist. Method names and their kwargs are checked in a second step, after the plug-ins are
+loaded: :func:`dataopt.plugins.check_methods`.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dataopt import registry
 from dataopt.errors import ConfigError
 
 STAGE_SECTIONS = ("ingest", "embed", "perceive", "analyze", "optimize", "train", "evaluate")
@@ -20,13 +24,6 @@ STAGE_SECTIONS = ("ingest", "embed", "perceive", "analyze", "optimize", "train",
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _check_method(family: str, name: str, kwargs: Optional[dict] = None) -> None:
-    from dataopt import registry
-
-    registry.load_plugins()
-    getattr(registry, family).check_kwargs(name, kwargs)
 
 
 class NoiseParams(Section):
@@ -56,12 +53,6 @@ class IngestParams(Section):
     limit: Optional[int] = Field(None, gt=0)
     noise: NoiseParams = NoiseParams()
 
-    @field_validator("source")
-    @classmethod
-    def _source(cls, v: str) -> str:
-        _check_method("SOURCES", v)
-        return v
-
 
 class EmbedParams(Section):
     backend: str = "pixels"
@@ -86,7 +77,6 @@ class EmbedParams(Section):
         for key in ("model", "pretrained"):
             if getattr(self, key) is not None and key in self.kwargs:
                 raise ValueError(f"{key} is given twice (embed.{key} and embed.kwargs.{key}); keep one")
-        _check_method("EMBEDDERS", self.backend, self.backend_kwargs())
         return self
 
     def backend_kwargs(self) -> dict[str, Any]:
@@ -112,16 +102,6 @@ class PerceiveParams(Section):
     signals: Optional[list[str]] = None  # null = every registered signal
     signal_kwargs: dict[str, dict[str, Any]] = {}  # signal name -> its hyper-parameters
 
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: str) -> str:
-        from dataopt.perceive.dynamics import perceive_models
-
-        valid = perceive_models()
-        if v not in valid:
-            raise ValueError(f"unknown perceive model {v!r}; valid: {', '.join(valid)}")
-        return v
-
     @model_validator(mode="after")
     def _early(self) -> "PerceiveParams":
         if self.early_epochs > self.epochs:
@@ -129,10 +109,6 @@ class PerceiveParams(Section):
         if self.model == "head" and self.augment != "none":
             raise ValueError(f"augment={self.augment!r} needs an image model; model 'head' trains on "
                              "embeddings (use augment: none)")
-        for name in self.signals or []:
-            _check_method("SIGNALS", name)
-        for name, kw in self.signal_kwargs.items():
-            _check_method("SIGNALS", name, kw)
         return self
 
 
@@ -151,7 +127,6 @@ class AnalyzeParams(Section):
     def _detector(self) -> "AnalyzeParams":
         if "random_state" in self.kwargs:
             raise ValueError("kwargs.random_state: the detector is seeded from the top-level seed")
-        _check_method("DETECTORS", self.detector, self.kwargs)
         return self
 
 
@@ -183,17 +158,10 @@ class OptimizeStep(Section):
 
     @model_validator(mode="after")
     def _step(self) -> "OptimizeStep":
-        from dataopt import registry
-
         where = f"optimize.steps ({self.family} {self.method})"
         if self.family not in OPTIMIZE_FAMILIES:
             raise ConfigError(f"optimize.steps: unknown family {self.family!r}; "
                               f"valid: {', '.join(OPTIMIZE_FAMILIES)}")
-        reg_name = OPTIMIZE_FAMILIES[self.family]
-        try:  # unknown method/kwarg: the registry's message lists the valid ones
-            _check_method(reg_name, self.method, self.kwargs)
-        except ConfigError as exc:
-            raise ConfigError(f"optimize.steps ({self.family}): {exc}") from None
         for name in ("ratio", "n_keep", "random_state", "keep"):
             if name in self.kwargs:
                 raise ConfigError(f"{where}: kwargs.{name} is not a kwarg; "
@@ -204,10 +172,6 @@ class OptimizeStep(Section):
                 continue
             if self.family != "prune":
                 raise ConfigError(f"{where}: {name} is only valid for family 'prune'")
-            cls = getattr(registry, reg_name).get(self.method)
-            if name not in registry.hyperparameters(cls):
-                raise ConfigError(f"{where}: method {self.method!r} takes no {name}; its kwargs: "
-                                  f"{', '.join(registry.hyperparameters(cls)) or '(none)'}")
         if self.ratio is not None and self.n_keep is not None:
             raise ConfigError(f"{where}: give ratio or n_keep, not both")
         return self
@@ -223,11 +187,11 @@ class OptimizeParams(Section):
     steps: Optional[list[OptimizeStep]] = None
 
     def plan_steps(self) -> list[OptimizeStep]:
-        """The steps the stage runs: ``steps``, or the simple keys as [prune method, weight weighting]."""
+        """The steps the stage runs: ``steps``, or the simple keys as [prune method, weight weighting].
+
+        Needs the filled ``SELECTORS`` registry (import :mod:`dataopt.plugins` first)."""
         if self.steps is not None:
             return list(self.steps)
-        from dataopt import registry
-
         takes_ratio = "ratio" in registry.hyperparameters(registry.SELECTORS.get(self.method))
         # ratio 1.0 (the default) is "no budget": a threshold selector (noise_filter,
         # semantic_dedup) then applies its threshold; budget selectors keep every candidate either way
@@ -244,8 +208,6 @@ class OptimizeParams(Section):
             for name, where in (("ratio", "optimize.ratio"), ("random_state", "the top-level seed")):
                 if name in kw:
                     raise ValueError(f"{key}.{name}: set {where} instead")
-        _check_method("SELECTORS", self.method, self.kwargs)
-        _check_method("WEIGHTERS", self.weighting, self.weighting_kwargs)
         if self.method == "none" and self.ratio != 1.0:
             raise ValueError(f"method 'none' keeps every sample; ratio={self.ratio} needs a selector")
         return self
@@ -264,7 +226,6 @@ class DynamicParams(Section):
             for name, where in (("budget", "train.dynamic.budget"), ("random_state", "the top-level seed")):
                 if name in self.kwargs:
                     raise ValueError(f"kwargs.{name}: set {where} instead")
-            _check_method("DYNAMIC_SELECTORS", self.method, self.kwargs)
         elif self.kwargs:
             raise ValueError("kwargs given but method is 'none'")
         return self
@@ -274,20 +235,7 @@ class AdaAugmentParams(Section):
     """Adaptive per-sample augmentation magnitude (AdaAugment, paper 001 part three)."""
 
     enabled: bool = False
-    kwargs: dict[str, Any] = {}
-
-    @model_validator(mode="after")
-    def _kwargs(self) -> "AdaAugmentParams":
-        if self.kwargs:
-            from dataopt.registry import hyperparameters
-            from dataopt.dynamic.adaaugment import AdaAugment
-
-            fixed = {"n", "n_classes", "feature_dim", "epochs", "base", "seed"}
-            valid = [k for k in hyperparameters(AdaAugment) if k not in fixed]
-            unknown = sorted(set(self.kwargs) - set(valid))
-            if unknown:
-                raise ValueError(f"unknown kwargs {unknown}; valid: {', '.join(valid)}")
-        return self
+    kwargs: dict[str, Any] = {}  # checked against AdaAugment by dataopt.plugins.check_methods
 
 
 class TrainParams(Section):
@@ -307,12 +255,6 @@ class TrainParams(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dynamic: DynamicParams = DynamicParams()
     adaaugment: AdaAugmentParams = AdaAugmentParams()
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: str) -> str:
-        _check_method("MODELS", v)
-        return v
 
 
 class EvaluateParams(Section):
@@ -458,5 +400,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Read ``path``, apply ``--set`` overrides, validate. Raises ConfigError."""
+    """Read ``path``, apply ``--set`` overrides, validate the schema. Raises ConfigError.
+
+    Method names are not checked here: follow with :func:`dataopt.plugins.check_methods`."""
     return validate(apply_overrides(read_yaml(path), overrides))

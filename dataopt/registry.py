@@ -3,6 +3,9 @@
 A method is a class in the scikit-learn manner: ``__init__`` only stores keyword hyper-parameters
 (and ``random_state``), ``fit`` returns ``self``, fitted state ends in ``_``, and the class declares the
 inputs it needs in ``requires``. Unknown names or kwargs are errors that list the valid ones.
+
+A leaf: it imports nothing of dataopt but :mod:`dataopt.errors` (itself a leaf). The registries are
+filled by importing the method modules, which :mod:`dataopt.plugins` does.
 """
 from __future__ import annotations
 
@@ -60,6 +63,8 @@ class Registry:
         return len(self._items)
 
     def get(self, name: str) -> Any:
+        if not self._items:  # a programming error, not the user's: nothing imported the method modules
+            raise RuntimeError(f"no {self.family} method is registered: import dataopt.plugins first")
         if name not in self._items:
             raise ConfigError(
                 f"unknown {self.family} method {name!r}; valid: {', '.join(self.names())}"
@@ -100,13 +105,3 @@ SELECTORS = Registry("selector")
 DYNAMIC_SELECTORS = Registry("dynamic selector")
 MODELS = Registry("model")
 
-
-def load_plugins() -> None:
-    """Import every method module so that the registries are filled."""
-    import dataopt.analyze  # noqa: F401
-    import dataopt.dynamic  # noqa: F401
-    import dataopt.embed  # noqa: F401
-    import dataopt.ingest  # noqa: F401
-    import dataopt.optimize  # noqa: F401
-    import dataopt.perceive  # noqa: F401
-    import dataopt.train  # noqa: F401

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from dataopt.errors import DataError
+from dataopt.errors import DataError, MissingArtifactError
 
 TRAIN, TEST = "train", "test"
 
@@ -84,8 +84,6 @@ ARTIFACTS = {
 
 def require(path: Path, stage: str) -> Path:
     """Return ``path`` or raise a readable error naming the stage that produces it."""
-    from dataopt.errors import MissingArtifactError
-
     if not path.exists():
         raise MissingArtifactError(
             f"{path} is missing: run the {stage!r} stage first (dataopt stage {stage})"

@@ -23,6 +23,7 @@ from dataopt.io import read_json
 from dataopt.paths import Paths
 from tasks.stages import stage_task, track_task
 from tasks.versioning import StageCache
+from dataopt.plugins import check_methods
 
 
 def task_runner(params: Params) -> Any:
@@ -72,7 +73,7 @@ def curate(
     t_start = time.time()
     logger = get_run_logger()
     paths = Paths.at(project)
-    params = load_params(params_path or paths.params, overrides)
+    params = check_methods(load_params(params_path or paths.params, overrides))
     project_params = load_params(paths.params) if paths.params.exists() else None
     summary: dict[str, Any] = {"stages": {}}
     cache, note = StageCache.open(paths.root)
@@ -122,7 +123,7 @@ def curate(
 def run(params_path: str | os.PathLike, overrides: Optional[list[str]], project: str | os.PathLike,
         no_cache: bool = False) -> dict[str, Any]:
     """Validate params (fast, before Prefect starts), pick the task runner, run :func:`curate`."""
-    params = load_params(params_path, overrides)
+    params = check_methods(load_params(params_path, overrides))
     return curate.with_options(task_runner=task_runner(params))(
         params_path=str(params_path), overrides=list(overrides or []), project=str(project),
         no_cache=no_cache)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dataopt.dynamic.adaaugment import POLICIES, AdaAugment, quantise, reward, schedule
 from dataopt.errors import ConfigError, DataError
+from dataopt.image_kernels import MEAN, STD
 from dataopt.registry import get_params
-from dataopt.train.loop import MEAN, STD, FitConfig, fit, seeded
+from dataopt.train.adaaugment import POLICIES, AdaAugment, quantise, reward, schedule
+from dataopt.train.loop import FitConfig, fit, seeded
 from dataopt.train.nets import SmallCNN
 
 N, C, S, K = 64, 3, 16, 4

@@ -16,12 +16,13 @@ from dataopt.config import Params, validate
 from dataopt.errors import ConfigError, DataError, MissingArtifactError
 from dataopt.io import read_json, write_parquet
 from dataopt.paths import Paths
+from dataopt.plugins import check_methods
 from dataopt.registry import DETECTORS
 from dataopt.schema import ANALYSIS_COLUMNS
 from dataopt.stages import run_stage
 
 from conftest import write_signals_project as make_project
-from dataopt.analyze import FLAG_COLUMNS, analyze
+from dataopt.analyze.run import FLAG_COLUMNS, analyze
 
 
 def planted_losses(n: int = 2000, rate: float = 0.2, seed: int = 0):
@@ -138,10 +139,10 @@ def test_unknown_detector_kwargs_and_names_list_valid_ones():
     with pytest.raises(ConfigError, match="bmm, calibrated_confidence, cl_mixture, confident_learning, gmm"):
         DETECTORS.build("nope")
     with pytest.raises(ConfigError, match="eps"):
-        validate({"analyze": {"detector": "bmm", "kwargs": {"reg_covar": 1e-3}}})
+        check_methods(validate({"analyze": {"detector": "bmm", "kwargs": {"reg_covar": 1e-3}}}))
     with pytest.raises(ConfigError, match="top-level seed"):
         validate({"analyze": {"kwargs": {"random_state": 3}}})
-    assert validate({"analyze": {"detector": "bmm", "kwargs": {"eps": 1e-3}}}).analyze.detector == "bmm"
+    assert check_methods(validate({"analyze": {"detector": "bmm", "kwargs": {"eps": 1e-3}}})).analyze.detector == "bmm"
 
 
 def test_lazy_inputs_load_on_demand_and_name_missing_ones():

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from dataopt.errors import ConfigError
-from dataopt.optimize.augment import (BatchAugmenter, MagnitudeFromSignal, gaussian_noise, smote,
-                                      smote_targets, soft_targets)
-from dataopt.optimize.augment.batch import default_loss, slot
+from dataopt.image_kernels import MEAN, STD
+from dataopt.optimize.augment.augmenters import MagnitudeFromSignal
+from dataopt.optimize.augment.batch import BatchAugmenter, default_loss, slot, soft_targets
+from dataopt.optimize.augment.features import gaussian_noise, smote, smote_targets
 from dataopt.registry import AUGMENTERS
-from dataopt.train.loop import MEAN, STD
 
 IMAGE = {
     "randaugment": {"policy": "randaugment", "num_ops": 2, "magnitude": 9, "num_magnitude_bins": 31},
@@ -169,7 +169,7 @@ def _shifts_within(out: torch.Tensor, x: torch.Tensor, pad: int) -> torch.Tensor
 
 
 def test_base_crop_honours_train_translate():
-    from dataopt.dynamic.adaaugment import AdaAugment
+    from dataopt.train.adaaugment import AdaAugment
     from dataopt.train.nets import SmallCNN
 
     x = batch(b=200, size=32)

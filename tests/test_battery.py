@@ -14,14 +14,14 @@ import pytest
 from dataopt.config import Params
 from dataopt.errors import ConfigError
 from dataopt.io import save_npy, write_parquet
+import dataopt.plugins  # noqa: F401  (fills the registries)
 from dataopt.registry import (AUGMENTERS, PERTURBERS, RESAMPLERS, SELECTORS, WEIGHTERS, get_params,
-                              hyperparameters, load_plugins)
+                              hyperparameters)
 from dataopt.stages import run_stage
 from dataopt.stages.optimize import INPUT_NAMES, _inputs
 
 from conftest import write_signals_project
 
-load_plugins()
 FAMILIES = {"resample": RESAMPLERS, "weight": WEIGHTERS, "perturb": PERTURBERS,
             "augment": AUGMENTERS, "prune": SELECTORS}
 METHODS = [(fam, name) for fam, reg in FAMILIES.items() for name in reg.names()]

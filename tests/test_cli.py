@@ -136,7 +136,7 @@ def test_library_and_cli_do_not_import_orchestration():
         "import importlib, sys\n"
         "import dataopt, dataopt.cli, dataopt.config, dataopt.registry\n"
         f"for m in [{mods}]: importlib.import_module(m)\n"
-        "dataopt.registry.load_plugins()\n"
+        "import dataopt.plugins\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'mlflow', 'dvc', "
         "'prefect_dask'))\n"
         "print(','.join(bad))\n"

@@ -6,6 +6,7 @@ import pytest
 from dataopt.config import (Params, apply_overrides, load_params, parse_override, read_yaml,
                             validate)
 from dataopt.errors import ConfigError
+from dataopt.plugins import check_methods
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def test_unknown_nested_key_lists_valid_keys():
 
 def test_unknown_method_lists_registered_names():
     with pytest.raises(ConfigError) as err:
-        validate({"optimize": {"method": "no_such_selector"}})
+        check_methods(validate({"optimize": {"method": "no_such_selector"}}))
     msg = str(err.value)
     assert "no_such_selector" in msg and "valid:" in msg
     assert "moderate" in msg and "random" in msg
@@ -55,7 +56,7 @@ def test_unknown_method_lists_registered_names():
 
 def test_unknown_method_kwarg_is_rejected():
     with pytest.raises(ConfigError, match="unknown kwargs"):
-        validate({"optimize": {"method": "random", "kwargs": {"bogus_kw": 1}}})
+        check_methods(validate({"optimize": {"method": "random", "kwargs": {"bogus_kw": 1}}}))
 
 
 @pytest.mark.parametrize("raw, where", [

@@ -15,9 +15,10 @@ from dataopt.analyze.confident import (ConfidentLearning, calibrate_joint, confi
 from dataopt.config import Params, validate
 from dataopt.errors import ConfigError, DataError
 from dataopt.io import read_json, save_npz
+from dataopt.plugins import check_methods
 from dataopt.registry import DETECTORS
 from dataopt.stages import run_stage
-from dataopt.analyze import outlier_scores
+from dataopt.analyze.run import outlier_scores
 from test_analyze import make_project
 
 
@@ -124,7 +125,7 @@ def test_detector_kwargs_are_checked():
     with pytest.raises(ConfigError, match="valid: filter_by, trust_predicted, min_per_class"):
         DETECTORS.build("confident_learning", {"threshold": 0.3})
     with pytest.raises(ConfigError, match="valid: loss, mixture"):
-        validate({"analyze": {"detector": "cl_mixture", "kwargs": {"bogus": 1}}})
+        check_methods(validate({"analyze": {"detector": "cl_mixture", "kwargs": {"bogus": 1}}}))
     probs, given, *_ , signals = planted(n=200)
     with pytest.raises(ConfigError, match="filter_by"):
         ConfidentLearning(filter_by="nope").fit(probs, given)

@@ -13,6 +13,7 @@ from dataopt.config import Params, validate
 from dataopt.errors import ConfigError, DataError, MissingArtifactError
 from dataopt.io import read_json, save_npy, write_parquet
 from dataopt.paths import Paths
+from dataopt.plugins import check_methods
 from dataopt.registry import DYNAMIC_SELECTORS
 from dataopt.stages import run_stage
 from dataopt.train import loop
@@ -160,7 +161,7 @@ def test_bad_configurations_are_named():
     with pytest.raises(ConfigError, match="budget"):
         validate({"train": {"dynamic": {"method": "random", "budget": 1.5}}})
     with pytest.raises(ConfigError, match="nope"):
-        validate({"train": {"dynamic": {"method": "nope"}}})
+        check_methods(validate({"train": {"dynamic": {"method": "nope"}}}))
 
 
 # --- the loop with a selector ----------------------------------------------------------------------------

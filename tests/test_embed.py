@@ -5,18 +5,20 @@ import numpy as np
 import pytest
 
 from dataopt.config import validate
-from dataopt.embed import PixelsEmbedder, ProxyEmbedder, check_finite, knn_search
-from dataopt.embed.base import Embedder
+from dataopt.embed.backends import PixelsEmbedder, ProxyEmbedder
+from dataopt.embed.base import Embedder, check_finite
+from dataopt.embed.knn import knn_search
 from dataopt.errors import ConfigError, DataError, MissingArtifactError
 from dataopt.io import load_npy, read_json, save_npy
 from dataopt.paths import Paths
+from dataopt.plugins import check_methods
 from dataopt.registry import EMBEDDERS
 from dataopt.stages import embed as embed_stage
 from dataopt.stages import run_stage
 
 
 def _params(**embed):
-    return validate({"embed": embed})
+    return check_methods(validate({"embed": embed}))
 
 
 def _brute_knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

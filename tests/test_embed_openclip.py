@@ -13,6 +13,7 @@ from dataopt.embed.gpu_preprocess import preprocess
 from dataopt.embed.openclip import DEFAULT_TEMPLATES, OpenClipEmbedder
 from dataopt.errors import ConfigError
 from dataopt.io import file_digest, load_npy, read_json
+from dataopt.plugins import check_methods
 from dataopt.stages import run_stage
 
 from conftest import write_tiny_openclip
@@ -20,7 +21,7 @@ from conftest import write_tiny_openclip
 
 def _params(**kwargs):
     embed = {"backend": "open_clip", "kwargs": kwargs, "batch_size": 256}
-    return validate({"embed": embed})
+    return check_methods(validate({"embed": embed}))
 
 
 def _kwargs(tiny, **extra):

@@ -9,12 +9,13 @@ import torch
 
 from conftest import map_fresh_workers, map_interrupted_after_two
 from dataopt.config import validate
-from dataopt.embed import ProxyEmbedder
 from dataopt.embed import backends
+from dataopt.embed.backends import ProxyEmbedder
 from dataopt.embed import shards as shardlib
 from dataopt.errors import DataError
 from dataopt.io import load_npy, read_json
 from dataopt.paths import Paths
+from dataopt.plugins import check_methods
 from dataopt.stages import embed as embed_stage
 from dataopt.stages import run_stage
 from dataopt.train.loop import images_to_tensor, predict_logits
@@ -33,7 +34,8 @@ def one_torch_thread():
 
 
 def _params(seed: int = 0, **kwargs):
-    return validate({"seed": seed, "embed": {"backend": "proxy", "device": "cpu", "kwargs": {**TINY, **kwargs}}})
+    return check_methods(validate({"seed": seed, "embed": {"backend": "proxy", "device": "cpu",
+                                                           "kwargs": {**TINY, **kwargs}}}))
 
 
 def _samples(paths: Paths) -> dict[str, np.ndarray]:

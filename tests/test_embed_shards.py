@@ -18,6 +18,7 @@ from dataopt.embed.backends import PixelsEmbedder
 from dataopt.errors import DataError
 from dataopt.io import load_npy, read_json, save_npy
 from dataopt.paths import Paths
+from dataopt.plugins import check_methods
 from dataopt.registry import EMBEDDERS
 from dataopt.stages import embed as embed_stage
 from dataopt.stages import run_stage
@@ -45,7 +46,7 @@ class NaNOnWhite(PixelsEmbedder):
 
 
 def _params(**embed):
-    return validate({"embed": embed})
+    return check_methods(validate({"embed": embed}))
 
 
 def _emb(paths: Paths) -> np.ndarray:

@@ -185,7 +185,8 @@ def test_plots_written(evaluated):
 
 
 def test_metrics_match_sklearn_on_the_saved_model(evaluated):
-    from dataopt.train import load_model, loop
+    from dataopt.train import loop
+    from dataopt.train.checkpoint import load_model
 
     paths, flat, _ = evaluated
     s = pd.read_parquet(paths.artifacts / "ingest" / "samples.parquet")

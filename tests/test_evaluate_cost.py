@@ -18,9 +18,10 @@ from dataopt.io import save_npy, write_json
 from dataopt.paths import Paths
 from dataopt.stages import evaluate as evaluate_stage
 from dataopt.stages import run_stage
-from dataopt.train import save_model
+from dataopt.train.checkpoint import save_model
 from dataopt.train.head import train_head
-from dataopt.train.trainer import build_model, train_set_from_plan
+from dataopt.train.nets import build_model
+from dataopt.train.trainer import train_set_from_plan
 from conftest import identity_plan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

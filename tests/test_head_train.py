@@ -10,7 +10,8 @@ from sklearn.model_selection import train_test_split
 
 from dataopt.config import Params
 from dataopt.errors import ConfigError, DataError
-from dataopt.train import load_model, loop, save_model
+from dataopt.train import loop
+from dataopt.train.checkpoint import load_model, save_model
 from dataopt.train.head import train_head
 from dataopt.train.trainer import TrainSet
 

@@ -20,6 +20,7 @@ from dataopt.config import validate
 from dataopt.errors import DataError
 from dataopt.ingest import labels as lab
 from dataopt.paths import Paths
+from dataopt.plugins import check_methods
 from dataopt.schema import QUARANTINE_COLUMNS, QUARANTINE_REASONS, SAMPLES_COLUMNS
 from dataopt.stages import ingest as stage
 from dataopt.stages import run_stage
@@ -58,7 +59,7 @@ def _huge_png_header(w: int, h: int) -> bytes:
 
 
 def _params(**ingest):
-    return validate({"seed": 0, "ingest": ingest})
+    return check_methods(validate({"seed": 0, "ingest": ingest}))
 
 
 def _run(tmp_path: Path, **ingest) -> tuple[dict, pd.DataFrame, np.ndarray, pd.DataFrame, dict]:
@@ -153,7 +154,6 @@ BAD = {
 
 # ---------------------------------------------------------------- sources
 def test_sources_registered():
-    registry.load_plugins()
     assert {"sklearn_digits", "imagefolder", "parquet", "csv"} <= set(registry.SOURCES.names())
 
 

@@ -1,11 +1,11 @@
 """The shared training loop: weighted sampling, per-sample augmentation magnitude, determinism."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from dataopt import image_kernels
 from dataopt.train import loop
 
 
@@ -87,33 +87,12 @@ def test_bad_sampling_weights_raise(bad):
         loop.fit(Recorder(2, 2), x, y, cfg(), sampling_weights=bad)
 
 
-def test_random_crop_flip_per_sample_shift():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.arange(4 * 8 * 8, dtype=torch.float32).view(4, 1, 8, 8).repeat(50, 1, 1, 1)  # 200 images
-    shift = torch.tensor([0, 1, 2, 2]).repeat(50)
-    out = loop.random_crop_flip(x, 2, False, gen, max_shift=shift)
-    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
-    offsets = []
-    for i in range(len(x)):  # recover each sample's translation (a test, not a hot path)
-        found = [
-            (dy, dx) for dy in range(5) for dx in range(5)
-            if torch.equal(padded[i, :, dy : dy + 8, dx : dx + 8], out[i])
-        ]
-        assert found, i
-        dy, dx = found[0]
-        offsets.append((abs(dy - 2), abs(dx - 2)))
-    offsets = np.array(offsets).reshape(50, 4, 2)
-    assert (offsets[:, 0] == 0).all()  # shift 0: untouched
-    assert offsets[:, 1].max() == 1  # shift 1: at most one px, and it does move
-    assert offsets[:, 2:].max() == 2 and (offsets[:, 2:] == 0).any()  # full range used
-
-
 def test_augment_magnitudes_translate_only_augmented_samples():
     x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     y = torch.tensor([0, 1])
     m = Recorder(3 * 8 * 8, 2)
     loop.fit(m, x, y, cfg(epochs=30, batch_size=2), augment_magnitudes=torch.tensor([0.0, 1.0]))
-    plain = loop.normalise(x)
+    plain = image_kernels.normalise(x)
     batches = torch.cat(m.batches)  # 30 epochs x 2 samples, normalised inputs
     is_a = torch.tensor([torch.equal(b, plain[0]) for b in batches])
     is_b = torch.tensor([torch.equal(b, plain[1]) for b in batches])
@@ -130,6 +109,6 @@ def test_default_path_draws_the_same_random_stream_as_before():
     loop.fit(m, x, y, cfg(augment="flip_crop", epochs=1, batch_size=16, seed=5))
     gen = torch.Generator().manual_seed(5)
     perm = torch.randperm(16, generator=gen)
-    expected = loop.random_crop_flip(x[perm].float(), 1, True, gen)
-    expected = ((expected / 255.0) - loop.MEAN) / loop.STD
+    expected = image_kernels.random_crop_flip(x[perm].float(), 1, True, gen)
+    expected = ((expected / 255.0) - image_kernels.MEAN) / image_kernels.STD
     assert torch.equal(m.batches[0], expected)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from dataopt.io import save_npy, save_npz, write_parquet
 from dataopt.paths import Paths
-from dataopt.perceive import Dynamics
+from dataopt.perceive.dynamics import Dynamics
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))

@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 from dataopt.config import Params, validate
 from dataopt.errors import ConfigError, DataError, MissingArtifactError
 from dataopt.io import read_json, save_npy, write_parquet
-from dataopt.optimize.prune import ModerateCoreset, RandomSubset, class_centre_distance, n_keep
-from dataopt.optimize.weight import PCleanWeight
+from dataopt.optimize.prune.base import n_keep
+from dataopt.optimize.prune.scores import ModerateCoreset, RandomSubset, class_centre_distance
+from dataopt.optimize.weight.weighters import PCleanWeight
 from dataopt.paths import Paths
+from dataopt.plugins import check_methods
 from dataopt.registry import SELECTORS, WEIGHTERS
 from dataopt.schema import PLAN_COLUMNS
 from dataopt.stages import run_stage
@@ -198,11 +200,11 @@ def test_unknown_kwargs_are_rejected_with_the_valid_names():
     with pytest.raises(ConfigError, match="unknown selector method 'bogus'; valid: .*herding, .*moderate"):
         SELECTORS.get("bogus")
     with pytest.raises(ConfigError, match=r"'moderate' got unknown kwargs \['bogus'\]"):
-        validate({"optimize": {"kwargs": {"bogus": 1}}})
+        check_methods(validate({"optimize": {"kwargs": {"bogus": 1}}}))
     with pytest.raises(ConfigError, match="set optimize.ratio instead"):
         validate({"optimize": {"kwargs": {"ratio": 0.5}}})
     with pytest.raises(ConfigError, match="none, p_clean"):
-        validate({"optimize": {"weighting": "bogus"}})
+        check_methods(validate({"optimize": {"weighting": "bogus"}}))
 
 
 # ---------------------------------------------------------------- the stage

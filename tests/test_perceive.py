@@ -13,9 +13,13 @@ from dataopt.config import validate
 from dataopt.errors import ConfigError, DataError, MissingArtifactError
 from dataopt.io import read_json
 from dataopt.paths import Paths
-from dataopt.perceive import (Dynamics, OOFDynamics, SignalInputs, compute_signals, out_of_fold_signals, perceive,
-                              signal_catalogue)
+from dataopt.perceive.dynamics import Dynamics, OOFDynamics
+from dataopt.perceive.run import perceive, signal_catalogue
+from dataopt.perceive.signals import SignalInputs, compute_signals, out_of_fold_signals
 from dataopt.perceive import dynamics as dynamics_mod
+from dataopt.perceive.dynamics import Dynamics, OOFDynamics
+from dataopt.perceive.signals import SignalInputs, compute_signals
+from dataopt.plugins import check_methods
 from dataopt.registry import SIGNALS
 from dataopt.stages import perceive as perceive_stage
 from dataopt.stages import run_stage
@@ -202,11 +206,11 @@ def test_signal_subset_and_unknown_signal(digits_ingested: Paths):
     assert list(_signals(digits_ingested).columns) == ["sample_id", "label", "loss_early", "knn_density"]
     assert (digits_ingested.artifacts / "perceive" / "classes.parquet").exists()
     with pytest.raises(ConfigError, match="unknown signal method 'grandd'; valid: .*aum.*loss_early"):
-        validate({"perceive": {"signals": ["grandd"]}})
+        check_methods(validate({"perceive": {"signals": ["grandd"]}}))
     with pytest.raises(ConfigError, match="'knn_shapley' got unknown kwargs \\['K'\\]; valid: k"):
-        validate({"perceive": {"signal_kwargs": {"knn_shapley": {"K": 3}}}})
+        check_methods(validate({"perceive": {"signal_kwargs": {"knn_shapley": {"K": 3}}}}))
     with pytest.raises(ConfigError, match="unknown signal method 'shapley'"):
-        validate({"perceive": {"signal_kwargs": {"shapley": {}}}})
+        check_methods(validate({"perceive": {"signal_kwargs": {"shapley": {}}}}))
 
 
 def test_signals_on_hand_made_dynamics():

@@ -9,8 +9,9 @@ from dataopt.config import validate
 from dataopt.errors import ConfigError
 from dataopt.io import read_json
 from dataopt.paths import Paths
-from dataopt.perceive import OOFDynamics
+from dataopt.perceive.dynamics import OOFDynamics
 from dataopt.perceive.dynamics import features_and_logits, perceive_models, resolve_model
+from dataopt.plugins import check_methods
 from dataopt.registry import MODELS
 from dataopt.stages import run_stage
 
@@ -33,13 +34,13 @@ def test_valid_names_are_head_cnn_and_the_registry():
     assert resolve_model("cnn") == "small_cnn" and resolve_model("small_cnn") == "small_cnn"
     assert resolve_model("head") == "head"
     for name in MODELS.names():
-        assert validate({"perceive": {"model": name}}).perceive.model == name
+        assert check_methods(validate({"perceive": {"model": name}})).perceive.model == name
 
 
 def test_unknown_model_and_head_augment_are_readable_config_errors():
     valid = r"unknown perceive model 'mlp'; valid: head, cnn, .*small_cnn"
     with pytest.raises(ConfigError, match=r"perceive\.model.*" + valid):
-        validate({"perceive": {"model": "mlp"}})
+        check_methods(validate({"perceive": {"model": "mlp"}}))
     with pytest.raises(ConfigError, match="augment='crop' needs an image model"):
         validate({"perceive": {"augment": "crop"}})
     with pytest.raises(ConfigError, match="perceive.augment"):

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import dataopt.optimize  # noqa: F401  (fills the registries)
+import dataopt.plugins  # noqa: F401  (fills the registries)
 from dataopt.errors import ConfigError, DataError
 from dataopt.registry import PERTURBERS
 from dataopt.train.losses import make_loss

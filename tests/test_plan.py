@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from dataopt.config import Params, TrainParams, load_params, validate
+from dataopt import image_kernels
 from dataopt.errors import ConfigError
 from dataopt.io import read_json, write_json, write_parquet
+from dataopt.plugins import check_methods
 from dataopt.registry import AUGMENTERS, PERTURBERS, RESAMPLERS
 from dataopt.schema import PLAN_COLUMNS
 from dataopt.stages import run_stage
@@ -65,18 +67,18 @@ def read_plan(paths):
 ])
 def test_step_errors_name_the_valid_values(step, match):
     with pytest.raises(ConfigError, match=match):
-        validate({"optimize": {"steps": [step]}})
+        check_methods(validate({"optimize": {"steps": [step]}}))
 
 
 def test_simple_keys_still_select_with_method_and_ratio():
     """`dvc exp run -S optimize.ratio=0.5` edits params.yaml; the simple keys stay in charge."""
-    params = load_params(ROOT / "params.yaml", ["optimize.ratio=0.5"])
+    params = check_methods(load_params(ROOT / "params.yaml", ["optimize.ratio=0.5"]))
     assert params.optimize.steps is None
     steps = params.optimize.plan_steps()
     assert [(s.family, s.method, s.ratio) for s in steps] == [("prune", "moderate", 0.5),
                                                               ("weight", "p_clean", None)]
-    random = load_params(ROOT / "params.yaml", ["optimize.method=random", "optimize.ratio=0.3",
-                                                "optimize.weighting=none"]).optimize.plan_steps()
+    random = check_methods(load_params(ROOT / "params.yaml", ["optimize.method=random", "optimize.ratio=0.3",
+                                                              "optimize.weighting=none"])).optimize.plan_steps()
     assert [(s.method, s.ratio) for s in random] == [("random", 0.3), ("none", None)]
 
 
@@ -216,7 +218,7 @@ def test_train_honours_the_augment_policy_deterministically(digits):
     assert loss_fn is None and owns and augment_fn is not None
     x = loop.images_to_tensor(images[ts.rows[:64]], torch.device("cpu"))
     out = augment_fn(x, torch.arange(64), 1, torch.Generator().manual_seed(0))
-    assert (out != loop.normalise(x)).flatten(1).any(1).float().mean() > 0.5  # batches differ
+    assert (out != image_kernels.normalise(x)).flatten(1).any(1).float().mean() > 0.5  # batches differ
     cpu = torch.device("cpu")
     m1, h1, _ = train_model(images, ts, TP, 0, cpu, progress=False)
     m2, h2, _ = train_model(images, ts, TP, 0, cpu, progress=False)

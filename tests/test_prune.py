@@ -5,9 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import dataopt.optimize  # noqa: F401
+import dataopt.plugins  # noqa: F401  (fills the registries)
 from dataopt.errors import ConfigError, DataError
-from dataopt.optimize.prune import herding_order, kcenter_order, quotas
+from dataopt.optimize.prune.base import quotas
+from dataopt.optimize.prune.geometric import herding_order, kcenter_order
 from dataopt.registry import SELECTORS
 
 

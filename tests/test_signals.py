@@ -16,7 +16,8 @@ from sklearn.metrics import roc_auc_score
 from dataopt.config import validate
 from dataopt.errors import DataError
 from dataopt.io import read_json, save_npy
-from dataopt.perceive import Dynamics, compute_signals
+from dataopt.perceive.dynamics import Dynamics
+from dataopt.perceive.signals import compute_signals
 from dataopt.perceive.diversity import vendi_score
 from dataopt.perceive.summary import confident_joint_noise_rate
 from dataopt.perceive.timing import synthetic_inputs

@@ -12,6 +12,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from dataopt import image_kernels
 from dataopt.config import Params
 from dataopt.errors import DataError, MissingArtifactError, UserError
 from dataopt.io import save_npy, write_parquet
@@ -19,7 +20,8 @@ from dataopt.paths import Paths
 from dataopt.schema import PLAN_COLUMNS, SAMPLES_COLUMNS
 from dataopt.stages import run_stage
 from dataopt.stages import train as train_stage
-from dataopt.train import load_model, loop
+from dataopt.train import loop
+from dataopt.train.checkpoint import load_model
 
 EPOCHS, WIDTH = 4, 16  # small and quick; still >= 0.9 test accuracy on digits
 
@@ -142,7 +144,7 @@ def test_full_plan_trains_accurate_model_and_writes_artifacts(trained):
     assert config["model"] == "small_cnn" and config["seed"] == 0
     assert config["kwargs"] == {"n_classes": 10, "in_channels": 3, "width": WIDTH, "image_size": 8}
     assert config["class_names"] == [f"digit_{i}" for i in range(10)]
-    assert config["normalisation"] == {"scale": 255.0, "mean": loop.MEAN, "std": loop.STD}
+    assert config["normalisation"] == {"scale": 255.0, "mean": image_kernels.MEAN, "std": image_kernels.STD}
     pred, true = test_predictions(paths)
     assert (pred == true).mean() >= 0.9
 

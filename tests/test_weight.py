@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from sklearn.datasets import load_digits
 
-import dataopt.optimize  # noqa: F401  (fills the registries)
+import dataopt.plugins  # noqa: F401  (fills the registries)
 from dataopt.errors import ConfigError
 from dataopt.perceive.valuation import diva_loo_gradient
 from dataopt.registry import WEIGHTERS

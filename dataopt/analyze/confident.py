@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
 
 from dataopt.errors import ConfigError, DataError
 from dataopt.registry import DETECTORS
@@ -284,8 +286,6 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
 
     Uses the given (possibly noisy) labels only, like every other detector input.
     """
-    from scipy.optimize import minimize_scalar
-
     logp = np.log(np.clip(probs, 1e-12, 1.0))
     rows = np.arange(len(labels))
 
@@ -301,8 +301,6 @@ def temperature_scale(probs: np.ndarray, t: float) -> np.ndarray:
 
 
 def _scaled_log_softmax(logp: np.ndarray, t: float) -> np.ndarray:
-    from scipy.special import log_softmax
-
     return log_softmax(logp / t, axis=1)
 
 

@@ -112,7 +112,7 @@ def plot_loss_mixture(rows: list[dict[str, float]], detector: Any, detector_name
     drawn on a fine grid), or None for a detector without one (histogram only).
     """
     # Figure (not pyplot): renders with the Agg canvas without touching global matplotlib state.
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # why: matplotlib is slow to import and only plots need it
 
     centres = np.array([r["bin"] for r in rows])
     width = centres[1] - centres[0] if centres.size > 1 else 1.0
@@ -143,7 +143,7 @@ def plot_loss_mixture(rows: list[dict[str, float]], detector: Any, detector_name
 
 def plot_class_issues(summary: dict[str, dict[str, Any]], path: Path) -> None:
     """Bar chart of the per-class issue rate."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # why: matplotlib is slow to import and only plots need it
 
     labels = [v.get("name", k) for k, v in summary.items()]
     rates = [v["issue_rate"] for v in summary.values()]
@@ -196,7 +196,7 @@ def projection(embeddings: np.ndarray) -> np.ndarray:
 
 def plot_projection(xy: np.ndarray, category: np.ndarray, path: Path) -> None:
     """Scatter of the 2-D projection coloured by flag category (label issues drawn last, on top)."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # why: matplotlib is slow to import and only plots need it
 
     fig = Figure(figsize=(6.5, 5.5))
     ax = fig.add_subplot()
@@ -215,7 +215,7 @@ def plot_projection(xy: np.ndarray, category: np.ndarray, path: Path) -> None:
 
 def plot_transition_matrix(matrix: np.ndarray, names: list[str], path: Path) -> None:
     """Heatmap of ``T[true, given] = P(given label | true label)`` with the values written in."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # why: matplotlib is slow to import and only plots need it
 
     C = len(matrix)
     fig = Figure(figsize=(max(4, 0.6 * C + 2), max(3.5, 0.55 * C + 1.5)))

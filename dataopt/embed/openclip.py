@@ -45,7 +45,7 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
 def _open_clip():
-    import open_clip  # imported lazily: it pulls in timm/hf helpers that the other backends never need
+    import open_clip  # why: it pulls in timm/hf helpers that the other backends never need
 
     return open_clip
 

@@ -13,7 +13,7 @@ from dataopt.io import atomic_path
 def confusion_png(path: str | Path, cm: np.ndarray, class_names: Sequence[str]) -> None:
     """Write the row-normalised confusion matrix (rows = true class) with raw counts in the cells."""
     # a bare Figure renders through the Agg canvas without pyplot: headless, no global backend switch
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # why: matplotlib is slow to import and only plots need it
 
     n = len(class_names)
     rows = cm.sum(axis=1, keepdims=True)

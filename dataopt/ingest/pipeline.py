@@ -20,6 +20,7 @@ import pyarrow as pa
 from dataopt.config import IngestParams
 from dataopt.ingest import decode as dec
 from dataopt.ingest import labels as lab
+from dataopt.ingest import sources  # noqa: F401  (fills SOURCES)
 from dataopt.registry import SOURCES
 from dataopt.schema import QUARANTINE_COLUMNS, QUARANTINE_REASONS, SAMPLES_COLUMNS, TEST, TRAIN
 

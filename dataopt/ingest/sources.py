@@ -16,6 +16,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+from sklearn.datasets import load_digits
 
 from dataopt.errors import DataError
 from dataopt.registry import SOURCES
@@ -119,8 +120,6 @@ class SklearnDigits(_Source):
         self.limit = limit
 
     def read(self) -> RawRows:
-        from sklearn.datasets import load_digits
-
         d = load_digits()
         images, target = d.images, d.target
         if self.limit is not None:

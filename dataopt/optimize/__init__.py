@@ -1,9 +1,10 @@
 """optimize: decide, per training sample, whether it is kept, how much it weighs, how often it is
 drawn, how strongly it is augmented and with which label it is trained - and record why.
 
-Subpackages by family (DESIGN.md layout), each filling its registry on import: ``prune``
-(``SELECTORS``), ``weight`` (``WEIGHTERS``), ``resample`` (``RESAMPLERS``), ``perturb``
-(``PERTURBERS``), ``augment`` (``AUGMENTERS``). :mod:`dataopt.optimize.plan` composes an ordered list
+Subpackages by family (DESIGN.md layout), each with a named module that fills its registry on import
+(:mod:`dataopt.plugins` imports them all): ``prune`` (``SELECTORS``: ``scores``, ``geometric``,
+``semantic``), ``weight`` (``WEIGHTERS``: ``weighters``), ``resample`` (``RESAMPLERS``: ``resamplers``),
+``perturb`` (``PERTURBERS``: ``perturbers``), ``augment`` (``AUGMENTERS``: ``augmenters``). :mod:`dataopt.optimize.plan` composes an ordered list
 of steps across the families into one plan.
 
 The protocol every method follows (issue 5 contract):
@@ -17,11 +18,3 @@ The protocol every method follows (issue 5 contract):
 - ``reason_`` (n,) str built vectorised ("" = nothing to say) and ``summary_`` (dict, with ``counts``,
   copied into plan.json ``steps``); both optional (the plan writes a generic reason without them).
 """
-import importlib
-import importlib.util
-
-FAMILY_PACKAGES = ("prune", "weight", "resample", "perturb", "augment")
-
-for _name in FAMILY_PACKAGES:  # a family package that does not exist yet is simply not registered
-    if importlib.util.find_spec(f"{__name__}.{_name}") is not None:
-        importlib.import_module(f"{__name__}.{_name}")

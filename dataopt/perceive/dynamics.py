@@ -21,8 +21,10 @@ from sklearn.model_selection import StratifiedKFold
 from dataopt.embed.base import torch_device
 from dataopt.errors import ConfigError, DataError
 from dataopt.io import save_npz
-from dataopt.train.loop import FitConfig, fit, images_to_tensor, normalise, seeded
-from dataopt.train.nets import Head
+from dataopt.registry import MODELS
+from dataopt.image_kernels import normalise
+from dataopt.train.loop import FitConfig, fit, images_to_tensor, seeded
+from dataopt.train.nets import Head, build_model  # nets also fills MODELS (the image networks)
 
 
 @dataclass
@@ -139,12 +141,9 @@ def fold_seed(seed: int, fold: int) -> int:
 def resolve_model(model: str) -> str:
     """The network behind a ``perceive.model`` value: ``"head"``, or a ``MODELS`` name (``"cnn"`` is
     the historical alias of ``"small_cnn"``). Unknown names raise a ConfigError listing the valid ones."""
-    from dataopt.registry import MODELS, load_plugins
-
     name = IMAGE_ALIASES.get(model, model)
     if name == "head":
         return name
-    load_plugins()
     if name not in MODELS:
         raise ConfigError(f"unknown perceive model {model!r}; valid: {', '.join(perceive_models())}")
     return name
@@ -152,9 +151,6 @@ def resolve_model(model: str) -> str:
 
 def perceive_models() -> list[str]:
     """Every valid ``perceive.model``: head, the aliases, and the registered image ``MODELS``."""
-    from dataopt.registry import MODELS, load_plugins
-
-    load_plugins()
     return ["head", *IMAGE_ALIASES, *MODELS.names()]
 
 
@@ -235,8 +231,6 @@ class OOFDynamics:
         if self.model_ == "head":
             with seeded(seed):
                 return Head(x.shape[1], n_classes, hidden=int(self.hidden))
-        from dataopt.train.trainer import build_model
-
         model, _ = build_model(self.model_, seed, n_classes, in_channels=x.shape[1], width=int(self.width),
                                image_size=min(x.shape[2], x.shape[3]),
                                flip_tta=self.augment == "flip_crop")

@@ -21,7 +21,6 @@ from dataopt import artifacts as art
 from dataopt.artifacts import ORDER, stage_context
 from dataopt.config import Params
 from dataopt.errors import ConfigError
-from dataopt.io import write_json
 from dataopt.paths import Paths
 
 __all__ = ["ORDER", "module", "run_stage"]

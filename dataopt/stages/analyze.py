@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+import dataopt.plugins  # noqa: F401  (fills the registries)
 from dataopt import artifacts as art
-from dataopt.analyze import SIGNAL_COLUMNS, analyze, write_plots
+from dataopt.analyze.run import SIGNAL_COLUMNS, analyze, write_plots
 from dataopt.analyze.confident import check_probs
 from dataopt.config import Params
 from dataopt.errors import DataError

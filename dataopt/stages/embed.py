@@ -53,14 +53,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+import dataopt.plugins  # noqa: F401  (fills the registries)
 from dataopt import artifacts as art
 from dataopt.artifacts import read_images, read_samples
 from dataopt.config import Params
-from dataopt.embed import check_finite
+from dataopt.embed import shards as shardlib
+from dataopt.embed.base import Embedder, check_finite
 from dataopt.embed.duplicates import duplicate_groups
 from dataopt.embed.knn import knn_graph
-from dataopt.embed import shards as shardlib
-from dataopt.embed.base import Embedder
 from dataopt.errors import DataError
 from dataopt.io import file_digest, load_npy, save_npy
 from dataopt.paths import Paths

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-import dataopt.optimize  # noqa: F401  (fills the five registries)
+import dataopt.plugins  # noqa: F401  (fills the registries)
 from dataopt import artifacts as art
 from dataopt.analyze.base import LazyInputs
 from dataopt.config import Params

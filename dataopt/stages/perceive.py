@@ -1,6 +1,6 @@
 """PERCEIVE stage: out-of-fold training dynamics and per-sample / per-class / corpus signals.
 
-Writes ``artifacts/perceive/``: ``dynamics.npz`` (see :class:`dataopt.perceive.Dynamics`),
+Writes ``artifacts/perceive/``: ``dynamics.npz`` (see :class:`dataopt.perceive.dynamics.Dynamics`),
 ``signals.parquet`` (train rows in samples order: sample_id, label, one column per signal; the signal
 catalogue is in the schema metadata under ``dataopt.signals``), ``classes.parquet`` and ``corpus.json``.
 Semantic consistency uses ``embed/text_embeddings.npy`` (text cosine) when the embedder has a text
@@ -19,7 +19,7 @@ from dataopt.artifacts import read_images, read_samples, read_text_embeddings
 from dataopt.config import Params
 from dataopt.errors import DataError
 from dataopt.paths import Paths
-from dataopt.perceive import perceive
+from dataopt.perceive.run import perceive
 from dataopt.schema import TRAIN
 
 # ----------------------------------------------------------------------------- reading the inputs

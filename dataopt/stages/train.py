@@ -22,6 +22,7 @@ from dataopt.paths import Paths
 from dataopt.registry import DYNAMIC_SELECTORS
 from dataopt.train import loop
 from dataopt.train.checkpoint import save_model
+from dataopt.train.head import train_head
 from dataopt.train.trainer import train_model, train_set_from_plan
 
 
@@ -49,8 +50,6 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     needs_signals = tp.dynamic.method != "none" and "signals" in DYNAMIC_SELECTORS.get(tp.dynamic.method).requires
     signals = _kept_signals(paths, plan) if needs_signals else None
     if tp.mode == "head":
-        from dataopt.train.head import train_head
-
         embeddings = art.load_npy(paths, "embed/embeddings.npy")
         if len(embeddings) != len(samples):
             raise DataError(f"embed/embeddings.npy: {len(embeddings)} rows but samples.parquet has {len(samples)}")

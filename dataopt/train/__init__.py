@@ -1,3 +1,4 @@
-"""Training: networks, the shared loop, and the train stage's logic."""
-from dataopt.train import nets  # noqa: F401  (registers MODELS)
-from dataopt.train.checkpoint import load_model, save_model  # noqa: F401
+"""Training: the shared loop (:mod:`.loop`), the networks (:mod:`.nets`, ``MODELS``), losses, checkpoints,
+the train stage's logic (:mod:`.trainer`, :mod:`.head`) and what decides the data during training:
+dynamic data selection (:mod:`.dynamic_selection`, ``DYNAMIC_SELECTORS``) and adaptive augmentation
+(:mod:`.adaaugment`)."""

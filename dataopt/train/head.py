@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from dataopt.errors import ConfigError, DataError
+from dataopt.optimize.augment.features import gaussian_noise, smote, smote_targets
 from dataopt.train import loop
 from dataopt.train.nets import Head
 from dataopt.train.trainer import TrainSet, build_selector, plan_training, run_config, tensor_or_none
@@ -44,8 +45,6 @@ def _append_smote(x: np.ndarray, ts: TrainSet, policy: dict, seed: int):
 
     Synthetic rows get loss weight 1 and draw weight 1 (arrays stay None when they were None).
     """
-    from dataopt.optimize.augment.features import smote, smote_targets  # faiss: only when asked for
-
     targets = smote_targets(ts.labels, policy.get("target", "max"))
     z, zy = smote(x, ts.labels, int(policy.get("k", 5)), targets, np.random.default_rng(seed))
     m = len(z)
@@ -128,8 +127,6 @@ def train_head(
         sigma = float(policy.get("sigma", 0.05))
         if not sigma >= 0:
             raise ConfigError(f"plan.json augment.features.sigma must be >= 0, got {sigma}")
-
-        from dataopt.optimize.augment.features import gaussian_noise
 
         def add_noise(xb: torch.Tensor, idx: torch.Tensor, epoch: int, gen: torch.Generator) -> torch.Tensor:
             return gaussian_noise(xb, sigma, gen)

@@ -19,16 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-MEAN, STD = 0.5, 0.25  # images are scaled to [0, 1] then standardised with these
-
+from dataopt.errors import ConfigError
+from dataopt.image_kernels import crop_pad, normalise, random_crop_flip, standardise
 
 def resolve_device(device: str = "auto", key: str = "train.device") -> torch.device:
     """``auto`` -> cuda when torch sees a GPU, else cpu; ``key`` names the param in the error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        from dataopt.errors import ConfigError
-
         raise ConfigError(f"{key} is 'cuda' but torch sees no GPU; use 'auto' or 'cpu'")
     return torch.device(device)
 
@@ -45,57 +43,6 @@ def images_to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """``(N, H, W, C)`` uint8 (possibly memory-mapped) -> ``(N, C, H, W)`` uint8 on ``device``."""
     t = torch.from_numpy(np.ascontiguousarray(images))
     return t.permute(0, 3, 1, 2).contiguous().to(device)
-
-
-def normalise(batch: torch.Tensor) -> torch.Tensor:
-    if batch.dtype == torch.uint8:
-        return (batch.float() / 255.0 - MEAN) / STD
-    return batch.float()
-
-
-def crop_pad(translate: Optional[int], width: int) -> int:
-    """Largest crop shift in px: ``train.translate`` when set, else ``width // 8`` (at least 1)."""
-    return int(translate or max(1, width // 8))
-
-
-def random_crop_flip(
-    x: torch.Tensor,
-    pad: int,
-    flip: bool,
-    gen: torch.Generator,
-    max_shift: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Batched random translation (reflect padding) and horizontal flip, one draw per sample.
-
-    Parameters
-    ----------
-    x : (B, C, H, W) tensor
-    pad : reflect padding on each side; without ``max_shift`` every sample moves by up to ``pad`` px.
-    max_shift : (B,) int64 CPU tensor, optional
-        Per-sample largest translation in px (each ``<= pad``; 0 leaves the sample in place).
-    """
-    b, c, h, w = x.shape
-    dev = x.device
-    if pad:
-        padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
-        if max_shift is None:
-            dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(dev)
-            dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(dev)
-        else:
-            # offset uniform in [pad - s, pad + s] for a per-sample s, drawn in one vectorised step
-            s = max_shift.clamp(0, pad).to(torch.int64)
-            span = (2 * s + 1).double()
-            dy = ((torch.rand(b, generator=gen, dtype=torch.float64) * span).long() - s + pad).to(dev)
-            dx = ((torch.rand(b, generator=gen, dtype=torch.float64) * span).long() - s + pad).to(dev)
-        rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
-        bi = torch.arange(b, device=dev)[:, None, None, None]
-        ci = torch.arange(c, device=dev)[None, :, None, None]
-        x = padded[bi, ci, rows, cols]
-    if flip:
-        mask = (torch.rand(b, generator=gen) < 0.5).to(dev)[:, None, None, None]
-        x = torch.where(mask, x.flip(3), x)
-    return x
 
 
 @dataclass
@@ -155,9 +102,9 @@ def fit(
     augment_fn : callable, optional
         ``augment_fn(xb (B, ...) as stored in x, indices (B,), epoch (1-based), gen) -> (B, ...) float``
         model input (normalised): replaces the built-in ``cfg.augment`` / ``augment_magnitudes``
-        handling (e.g. :class:`dataopt.optimize.augment.BatchAugmenter`); draw randomness from ``gen``.
+        handling (e.g. :class:`dataopt.optimize.augment.batch.BatchAugmenter`); draw randomness from ``gen``.
         None (default): the built-in path.
-    selector : a fitted dynamic selector (:mod:`dataopt.dynamic.selectors`), optional
+    selector : a fitted dynamic selector (:mod:`dataopt.train.dynamic_selection`), optional
         Decides each epoch's samples: ``selector.epoch_sizes_`` (E,) gives how many samples every
         epoch trains on (the learning-rate schedule is laid out over their steps) and
         ``selector.select(epoch, last_loss, gen) -> (positions (k,) int64, weights (k,) float or
@@ -250,7 +197,7 @@ def fit(
                     m = mags[order[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
                     shift = base + torch.ceil(m * pad).long()
                     xb = random_crop_flip(xb.float(), base + pad, flip, gen, max_shift=shift)
-                xb = ((xb / 255.0) - MEAN) / STD
+                xb = standardise(xb)
             else:
                 xb = normalise(xb)
             if channels_last:

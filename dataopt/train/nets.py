@@ -1,10 +1,14 @@
 """Networks: a small CNN for images of any size >= 8 px, and a head on frozen embeddings."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
 
-from dataopt.registry import MODELS
+from dataopt.registry import MODELS, hyperparameters
+from dataopt.train.loop import seeded
 
 
 def _block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
@@ -192,8 +196,6 @@ class ResNet18(nn.Module):
 
     def __init__(self, n_classes: int, in_channels: int = 3, width: int = 64):
         super().__init__()
-        from torchvision.models.resnet import BasicBlock, ResNet
-
         net = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=n_classes, width_per_group=64)
         if width != 64:  # rebuild the stages at another width (the stem conv is replaced below)
             net.inplanes = width
@@ -215,3 +217,20 @@ class ResNet18(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.body(x))
+
+
+def build_model(
+    name: str, seed: int, n_classes: int, in_channels: int, width: int, image_size: int,
+    flip_tta: bool = False,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build registered model ``name`` under ``seed``; return it and the kwargs that rebuild it.
+
+    Only the kwargs the model's ``__init__`` accepts are passed (and returned).
+    """
+    cls = MODELS.get(name)
+    offered = {"n_classes": n_classes, "in_channels": in_channels, "width": width, "image_size": image_size,
+               "flip_tta": flip_tta}
+    kwargs = {k: v for k, v in offered.items() if k in hyperparameters(cls)}
+    with seeded(seed):
+        model = cls(**kwargs)
+    return model, kwargs

@@ -23,10 +23,16 @@ import pandas as pd
 import torch
 from torch import nn
 
-from dataopt.errors import DataError
-from dataopt.registry import MODELS, hyperparameters
+from dataopt import image_kernels
+from dataopt.errors import ConfigError, DataError
+from dataopt.optimize.augment.batch import BatchAugmenter, default_loss
+from dataopt.registry import DYNAMIC_SELECTORS
 from dataopt.schema import PLAN_COLUMNS, TRAIN
+from dataopt.train import dynamic_selection  # noqa: F401  (fills DYNAMIC_SELECTORS)
 from dataopt.train import loop
+from dataopt.train.adaaugment import AdaAugment
+from dataopt.train.losses import make_loss
+from dataopt.train.nets import build_model
 
 
 @dataclass
@@ -146,25 +152,13 @@ def train_set_from_plan(samples: pd.DataFrame, plan: pd.DataFrame, plan_path: Pa
     )
 
 
-def _make_loss():
-    """``dataopt.train.losses.make_loss``, imported when a plan asks for training directives."""
-    try:
-        from dataopt.train.losses import make_loss
-    except ImportError as exc:  # pragma: no cover - the module ships with the package
-        from dataopt.errors import ConfigError
-
-        raise ConfigError(f"plan.json has training directives but dataopt.train.losses is "
-                          f"unavailable ({exc})") from None
-    return make_loss
-
-
 def plan_training(ts: TrainSet, tp: Any) -> tuple[Optional[Any], Optional[Any], bool]:
     """The ``(loss_fn, augment_fn, magnitudes_in_augment_fn)`` that honour plan.json for ``loop.fit``.
 
     ``loss_fn``: :func:`dataopt.train.losses.make_loss` on ``ts.train_directives`` (plus
     ``train.label_smoothing`` when the plan sets none; the class prior is the kept label
     frequencies), wrapped in the mixup criterion when the plan mixes batches; None = the loop default.
-    ``augment_fn``: a :class:`dataopt.optimize.augment.BatchAugmenter` when the plan has an ``image``
+    ``augment_fn``: a :class:`dataopt.optimize.augment.batch.BatchAugmenter` when the plan has an ``image``
     or ``mix`` policy (it then owns ``train.augment`` and the per-sample magnitudes); None otherwise.
     """
     loss_fn = None
@@ -173,12 +167,10 @@ def plan_training(ts: TrainSet, tp: Any) -> tuple[Optional[Any], Optional[Any], 
         if tp.label_smoothing and "label_smoothing" not in directives:
             directives["label_smoothing"] = tp.label_smoothing
         prior = np.bincount(ts.labels, minlength=ts.n_classes) / max(1, ts.n_kept)
-        loss_fn = _make_loss()(directives, ts.n_classes, prior.tolist())
+        loss_fn = make_loss(directives, ts.n_classes, prior.tolist())
     policies = {k: v for k, v in ts.augment.items() if k in ("image", "mix")}
     if not policies:
         return loss_fn, None, False
-    from dataopt.optimize.augment.batch import BatchAugmenter, default_loss
-
     mags = None if ts.augment_magnitudes is None else torch.from_numpy(ts.augment_magnitudes)
     if mags is None and "image" in policies:
         mags = torch.zeros(ts.n_kept, dtype=torch.float64)  # the plan says magnitude 0 everywhere
@@ -187,23 +179,6 @@ def plan_training(ts: TrainSet, tp: Any) -> tuple[Optional[Any], Optional[Any], 
     if augmenter.mixing is not None:
         loss_fn = augmenter.mixed_loss(loss_fn or default_loss(tp.label_smoothing))
     return loss_fn, augmenter, True
-
-
-def build_model(
-    name: str, seed: int, n_classes: int, in_channels: int, width: int, image_size: int,
-    flip_tta: bool = False,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Build registered model ``name`` under ``seed``; return it and the kwargs that rebuild it.
-
-    Only the kwargs the model's ``__init__`` accepts are passed (and returned).
-    """
-    cls = MODELS.get(name)
-    offered = {"n_classes": n_classes, "in_channels": in_channels, "width": width, "image_size": image_size,
-               "flip_tta": flip_tta}
-    kwargs = {k: v for k, v in offered.items() if k in hyperparameters(cls)}
-    with loop.seeded(seed):
-        model = cls(**kwargs)
-    return model, kwargs
 
 
 def tensor_or_none(a: Optional[np.ndarray]) -> Optional[torch.Tensor]:
@@ -220,12 +195,8 @@ def build_selector(ts: TrainSet, tp: Any, seed: int, signals: Optional[pd.DataFr
     dp = tp.dynamic
     if dp.method == "none":
         return None
-    from dataopt.registry import DYNAMIC_SELECTORS
-
     selector = DYNAMIC_SELECTORS.build(dp.method, dp.kwargs, budget=dp.budget, random_state=seed)
     if ts.sampling_weights is not None:
-        from dataopt.errors import ConfigError
-
         raise ConfigError(f"train.dynamic.method={dp.method!r} decides what each epoch draws, and the plan "
                           "has sampling weights (a resampling step) that decide it too; use one of them")
     return selector.fit(ts.n_kept, tp.epochs, signals if "signals" in selector.requires else None)
@@ -301,7 +272,7 @@ def train_model(
         "kwargs": kwargs,
         "class_names": ts.class_names,
         "input": {"dtype": "uint8", "layout": "NCHW", "channels": int(c), "height": int(h), "width": int(w)},
-        "normalisation": {"scale": 255.0, "mean": loop.MEAN, "std": loop.STD},
+        "normalisation": {"scale": 255.0, "mean": image_kernels.MEAN, "std": image_kernels.STD},
         "seed": seed,
         **run_config(ts, tp, selector),
     }
@@ -311,16 +282,12 @@ def train_model(
 def adaptive_augmenter(ts: TrainSet, tp: Any, seed: int, model: nn.Module, y: torch.Tensor,
                        plan_augment: Optional[Any]) -> Any:
     """AdaAugment (``train.adaaugment``) bound to ``model``; refuses a plan that also augments images."""
-    from dataopt.errors import ConfigError
-
     if plan_augment is not None:
         raise ConfigError("train.adaaugment.enabled and the plan's image/mix augmentation policy both set "
                           "how samples are augmented; drop the augment step or disable adaaugment")
     if ts.augment_magnitudes is not None:
         raise ConfigError("train.adaaugment.enabled chooses every sample's magnitude itself, but the plan "
                           "sets augment_magnitude; drop that step or disable adaaugment")
-    from dataopt.dynamic.adaaugment import AdaAugment
-
     ada = AdaAugment(n=ts.n_kept, n_classes=ts.n_classes, feature_dim=model.feature_dim, epochs=tp.epochs,
                      base=tp.augment, seed=seed, **{"translate": tp.translate, **tp.adaaugment.kwargs})
     return ada.bind(model, y)

@@ -24,10 +24,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from dataopt.errors import ConfigError
-from dataopt.train.loop import MEAN, STD, crop_pad, random_crop_flip
+from dataopt.image_kernels import crop_pad, random_crop_flip, standardise
 
 IMAGE_POLICIES = ("flips_crops", "randaugment", "trivialaugment", "autoaugment", "augmix")
 MIX_POLICIES = ("mixup", "cutmix")
@@ -172,7 +173,7 @@ class BatchAugmenter:
                                   max_shift=base + torch.ceil(m * pad).long())
         elif self.base != "none":
             xb = random_crop_flip(xb.float(), pad, self.base == "flip_crop", gen)
-        x = (xb.float() / 255.0 - MEAN) / STD
+        x = standardise(xb)
         self.mix = None
         if self.mixing is not None and len(x) > 1:
             x = self._mix(x, gen)
@@ -218,8 +219,6 @@ def soft_targets(targets: torch.Tensor, lam: float, n_classes: int) -> torch.Ten
 
 def default_loss(label_smoothing: float = 0.0):
     """The loss :func:`dataopt.train.loop.fit` uses by default, as a ``loss_fn``."""
-    import torch.nn.functional as F
-
     def loss(logits, targets, weights, epoch, indices):
         losses = F.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=label_smoothing)
         return (losses * weights).sum() / len(targets)

@@ -12,13 +12,3 @@ Modules: :mod:`.scores` (none, random, moderate, ``<signal>_{easy,hard,moderate}
 noise_filter), :mod:`.geometric` (herding, kcenter, semantic_dedup), :mod:`.semantic`
 (clip_selection, density_consistency), :mod:`.base` (budget, quotas, shared plumbing).
 """
-from dataopt.optimize.prune.base import n_keep, quotas
-from dataopt.optimize.prune.geometric import (Herding, KCenterGreedy, SemanticDedup, herding_order,
-                                              kcenter_order)
-from dataopt.optimize.prune.scores import (CoverageCentric, KeepAll, ModerateCoreset, NoiseFilter,
-                                           RandomSubset, class_centre_distance)
-from dataopt.optimize.prune.semantic import ClipSelection, DensityConsistency
-
-__all__ = ["ClipSelection", "CoverageCentric", "DensityConsistency", "Herding", "KCenterGreedy",
-           "KeepAll", "ModerateCoreset", "NoiseFilter", "RandomSubset", "SemanticDedup",
-           "class_centre_distance", "herding_order", "kcenter_order", "n_keep", "quotas"]

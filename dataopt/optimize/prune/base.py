@@ -13,6 +13,8 @@ import pandas as pd
 
 from dataopt.analyze.base import fmt, join
 from dataopt.errors import ConfigError, DataError
+from dataopt.perceive import signals as _signals  # noqa: F401  (fills SIGNALS: their directions)
+from dataopt.registry import SIGNALS
 
 NOT_SCORES = {"sample_id", "label", "pred_label"}  # numeric signal columns that are not scores
 
@@ -149,9 +151,6 @@ def signal_column(signals: Optional[pd.DataFrame], name: str, who: str) -> np.nd
 def harder_is_higher(name: str) -> bool:
     """Whether a larger value of signal ``name`` means harder / more likely mislabeled, read from the
     signal catalogue's ``direction`` (``"higher = ..."`` / ``"lower = ..."``); unknown: higher."""
-    import dataopt.perceive.signals  # noqa: F401  (fills SIGNALS)
-    from dataopt.registry import SIGNALS
-
     if name not in SIGNALS:
         return True
     return not str(getattr(SIGNALS.get(name), "direction", "")).startswith("lower")

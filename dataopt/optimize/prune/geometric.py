@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+import faiss
 import numpy as np
+import torch
 
 from dataopt.errors import ConfigError
 from dataopt.optimize.prune.base import Budget, finish, fmt, groups, join, quotas, top_m
@@ -20,8 +22,6 @@ from dataopt.registry import SELECTORS
 def _project(z: np.ndarray, dim: Optional[int]):
     """Candidates' embeddings as a float32 torch tensor, on their top ``dim`` principal components
     when ``d > dim`` (centred; distances and mean-matching are translation invariant)."""
-    import torch
-
     x = torch.as_tensor(np.ascontiguousarray(z, dtype=np.float32))
     if dim is None or x.shape[1] <= int(dim):
         return x
@@ -55,8 +55,6 @@ def herding_order(x, m: int) -> tuple[np.ndarray, np.ndarray]:
     order (m,) int64 positions in selection order; gap (m,) float64 ``||mean(selected) - mu||`` after
     each step.
     """
-    import torch
-
     mu = x.double().mean(0).float()
     s = x @ mu - 0.5 * (x * x).sum(1)  # scores at t = 0 (v_0 = mu)
     c = x @ mu
@@ -88,8 +86,6 @@ def kcenter_order(x, m: int, first: int) -> tuple[np.ndarray, np.ndarray]:
     order (m,) int64; radius (m,) float64: the covering radius ``max_i min_c ||x_i - c||`` just
     before each pick (the distance of the picked row to the earlier centres; inf for the first).
     """
-    import torch
-
     sq = (x * x).sum(1)
     mind = torch.full((len(x),), float("inf"))
     out = np.empty(m, dtype=np.int64)
@@ -119,8 +115,6 @@ class _Greedy:
     def _run(self, labels, embeddings, keep):
         """(budget, chosen (a,) bool, step (a,) int: 1-based pick order within the group, 0 = not
         picked, group (a,), value (a,) float64: the per-pick diagnostic)."""
-        import torch
-
         _check_dim(self.dim, self.registered_name)
         labels = np.asarray(labels)
         b = Budget(labels.size, keep, self.ratio, self.n_keep)
@@ -238,9 +232,6 @@ class SemanticDedup:
     def fit(self, labels: np.ndarray, embeddings: np.ndarray,
             keep: Optional[np.ndarray] = None) -> "SemanticDedup":
         """``labels`` (n,), ``embeddings`` (n, d) -> ``keep_`` (n,) bool, ``score_`` = redundancy."""
-        import faiss
-        import torch
-
         if not 0.0 <= self.eps < 2.0:
             raise ConfigError(f"semantic_dedup: eps must be in [0, 2), got {self.eps}")
         labels = np.asarray(labels)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from dataopt.errors import ConfigError
-from dataopt.optimize.prune.base import (Budget, finish, fmt, groups, harder_is_higher, join,
+from dataopt.optimize.prune.base import (Budget, finish, fmt, groups, harder_is_higher, join, quotas,
                                          signal_column, top_m)
 from dataopt.perceive.diversity import class_centre_distance
 from dataopt.registry import SELECTORS
@@ -89,8 +89,6 @@ def band(s: np.ndarray, m: int, group: np.ndarray, mode: str,
     -------
     keep (a,) bool, rank (a,) int (ascending rank within the group), lo (g,) int (dropped below).
     """
-    from dataopt.optimize.prune.base import quotas
-
     a = s.size
     sizes = np.bincount(group)
     m_g = quotas(sizes, m)
@@ -306,8 +304,6 @@ class CoverageCentric:
         raw = signal_column(signals, self.score, "coverage")[b.rows]
         hard = raw if harder_is_higher(self.score) else -raw
         group = groups(labels, b.rows, self.per_class)
-        from dataopt.optimize.prune.base import quotas
-
         m_g = quotas(np.bincount(group), b.m)
         rng = np.random.default_rng(self.random_state)
         u = rng.random(raw.size)

@@ -16,6 +16,7 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
+import torch
 
 from dataopt.errors import ConfigError, DataError
 from dataopt.optimize.prune.base import (Budget, finish, fmt, groups, join, signal_column,
@@ -110,8 +111,6 @@ class ClipSelection:
             keep: Optional[np.ndarray] = None) -> "ClipSelection":
         """``labels`` (n,), ``signals`` (columns semantic_consistency, knn_density),
         ``text_embeddings`` (C, d) or None (only names the alignment source) -> ``keep_`` (n,)."""
-        import torch
-
         for k in ("alignment_weight", "diversity_weight", "ratio_weight", "lr"):
             if not getattr(self, k) >= 0:
                 raise ConfigError(f"clip_selection: {k} must be >= 0, got {getattr(self, k)}")

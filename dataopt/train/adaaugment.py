@@ -55,8 +55,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataopt.errors import ConfigError, DataError
+from dataopt.image_kernels import crop_pad, normalise, random_crop_flip
 from dataopt.optimize.augment.batch import BatchAugmenter
-from dataopt.train.loop import crop_pad, normalise, random_crop_flip, seeded
+from dataopt.train.loop import seeded
 
 POLICIES = ("randaugment", "trivialaugment", "autoaugment", "augmix")
 BASES = ("none", "crop", "flip_crop")
