@@ -6,7 +6,7 @@ import yaml
 
 from dataopt import artifacts
 from dataopt.config import Params
-from dataopt.stages import HEADLINE, ORDER
+from dataopt.stages import HEADLINE, ORDER, STAGE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())

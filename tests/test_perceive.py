@@ -17,11 +17,8 @@ from dataopt.perceive.dynamics import Dynamics, OOFDynamics
 from dataopt.perceive.run import perceive, signal_catalogue
 from dataopt.perceive.signals import SignalInputs, compute_signals, out_of_fold_signals
 from dataopt.perceive import dynamics as dynamics_mod
-from dataopt.perceive.dynamics import Dynamics, OOFDynamics
-from dataopt.perceive.signals import SignalInputs, compute_signals
 from dataopt.plugins import check_methods
 from dataopt.registry import SIGNALS
-from dataopt.stages import perceive as perceive_stage
 from dataopt.stages import run_stage
 
 FAST = {"epochs": 4, "early_epochs": 2, "folds": 3}

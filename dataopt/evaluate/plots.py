@@ -6,15 +6,14 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+# a bare Figure renders through the Agg canvas without pyplot: headless, no global backend switch
+from matplotlib.figure import Figure
 
 from dataopt.io import atomic_path
 
 
 def confusion_png(path: str | Path, cm: np.ndarray, class_names: Sequence[str]) -> None:
     """Write the row-normalised confusion matrix (rows = true class) with raw counts in the cells."""
-    # a bare Figure renders through the Agg canvas without pyplot: headless, no global backend switch
-    from matplotlib.figure import Figure  # why: matplotlib is slow to import and only plots need it
-
     n = len(class_names)
     rows = cm.sum(axis=1, keepdims=True)
     frac = cm / np.maximum(rows, 1)
@@ -47,7 +46,6 @@ def per_class_png(path: str | Path, class_names: Sequence[str], accuracy: Sequen
     """Horizontal bars of test accuracy per class: class names on the y axis (first class on top),
     accuracy on x, the class's training images written beside its bar; a class without test
     samples gets no bar and the note "no test sample"."""
-    from matplotlib.figure import Figure
 
     n = len(class_names)
     acc = np.array([np.nan if a is None else a for a in accuracy], dtype=np.float64)
@@ -70,7 +68,6 @@ def per_class_png(path: str | Path, class_names: Sequence[str], accuracy: Sequen
 def reliability_png(path: str | Path, rel: dict[str, np.ndarray], ece: float) -> None:
     """Reliability diagram: accuracy against mean confidence per equal-width confidence bin, the
     diagonal of perfect calibration, and the share of test samples per bin underneath."""
-    from matplotlib.figure import Figure
 
     lower, upper = np.asarray(rel["lower"]), np.asarray(rel["upper"])
     count = np.asarray(rel["count"])
@@ -95,7 +92,6 @@ def reliability_png(path: str | Path, rel: dict[str, np.ndarray], ece: float) ->
 
 def training_curve_png(path: str | Path, history: Sequence[dict]) -> None:
     """Training loss per epoch (left axis) and, when the history records it, the learning rate."""
-    from matplotlib.figure import Figure
 
     epochs = [r.get("epoch", i + 1) for i, r in enumerate(history)]
     fig = Figure(figsize=(6.5, 4))
