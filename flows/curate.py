@@ -103,7 +103,7 @@ def curate(
             logger.info("%s: %s in %.1f s", name, summary["stages"][name]["status"],
                         summary["stages"][name]["seconds"])
         status = {n: s["status"] for n, s in summary["stages"].items()}
-        summary["tracking"] = track_task()(params, paths, "prefect", overrides, status)
+        summary["tracking"] = track_task()(params, paths, "prefect", overrides, status, started_at=t_start)
         if cache is None:
             summary["dvc"] = note
         elif tainted:

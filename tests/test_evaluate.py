@@ -217,7 +217,7 @@ def test_dropped_class_shows_in_per_class_accuracy(tmp_path):
 
 def test_missing_model_and_missing_test_split(tmp_path):
     paths = digits_project(tmp_path)
-    with pytest.raises(MissingArtifactError, match="history.json"):
+    with pytest.raises(MissingArtifactError, match=r"artifacts/train/\S+ is missing: run the 'train' stage"):
         evaluate_stage.run(params(), paths)
     plan_keeping(paths)
     train_stage.run(params(), paths)

@@ -252,7 +252,15 @@ def test_head_model_is_evaluated_on_embeddings(project, tmp_path):
         save_npy(emb_path, emb)
 
 
-def test_inputs_stay_the_image_contract():
-    # embeddings are read only for heads (see the module docstring), never a dep of every run
-    assert "embed/embeddings.npy" not in evaluate_stage.INPUTS
-    assert "ingest/images.npy" in evaluate_stage.INPUTS
+def test_an_image_model_never_opens_the_embeddings(project):
+    # embeddings are declared (a head reads them) but an image model must evaluate without them
+    from dataopt import artifacts
+
+    model, kwargs = build_model("small_cnn", 0, 10, 3, 8, 8)
+    save_model(project.stage("train") / "model", model,
+               {"model": "small_cnn", "kwargs": kwargs, "class_names": [str(i) for i in range(10)]})
+    write_json(project.stage("train") / "history.json", HISTORY)
+    with artifacts.recording() as log:
+        run_stage("evaluate", params(), project)
+    assert "ingest/images.npy" in log.paths("evaluate", "r")
+    assert "embed/embeddings.npy" not in log.paths("evaluate", "r")

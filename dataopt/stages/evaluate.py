@@ -8,9 +8,8 @@ true class); and ``artifacts/evaluate/plots/``: ``confusion_matrix.png``, ``per_
 
 Inputs. An image model is evaluated on ``ingest/images.npy``; a head (model config ``input.kind ==
 "embedding"``, :func:`dataopt.train.head.train_head`) on the test rows of ``embed/embeddings.npy``.
-The embeddings are not in ``INPUTS``: those are DVC deps and cache-key inputs of every run, and image
-models must evaluate without an embed stage. A head is retrained (new weights, so evaluate re-runs)
-whenever the embeddings it was trained on change, so no staleness follows.
+An image model never opens the embeddings, so it evaluates without an embed stage; the embeddings are
+still a declared input (and DVC dependency), as a head reads them.
 
 Metrics beyond accuracy, calibration and per-class accuracy:
 
@@ -40,26 +39,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dataopt import artifacts as art
 from dataopt.config import Params
 from dataopt.errors import DataError
 from dataopt.evaluate.metrics import classification_report, reliability, shot_accuracy, shot_bands
 from dataopt.evaluate.plots import confusion_png, per_class_png, reliability_png, training_curve_png
-from dataopt.io import load_npy, read_json, write_json
+from dataopt.io import read_json
 from dataopt.paths import Paths
-from dataopt.schema import TEST, TRAIN, require
+from dataopt.schema import TEST, TRAIN
 from dataopt.train import loop
 from dataopt.train.checkpoint import load_model
-
-INPUTS = (
-    "ingest/samples.parquet",
-    "ingest/images.npy",
-    "train/model/model.safetensors",
-    "train/model/config.json",
-    "train/history.json",
-)
-OUTPUTS = ("evaluate/report.json", "evaluate/plots")
-PARAMS = ("evaluate",)
-
 
 REFERENCE_KEYS = ("samples_seen", "steps", "train_seconds", "accuracy")
 
@@ -111,35 +100,29 @@ def _class_counts(config: dict, samples: pd.DataFrame, n_classes: int, cfg_path)
     return np.pad(counts, (0, n_classes - len(counts)))
 
 
-def _inputs(config: dict, art, test: np.ndarray, n_rows: int, device: torch.device) -> torch.Tensor:
+def _inputs(config: dict, paths: Paths, test: np.ndarray, n_rows: int, device: torch.device) -> torch.Tensor:
     """The test rows as model input: uint8 images, or float32 embeddings for a head."""
     if (config.get("input") or {}).get("kind") == "embedding":
-        emb_path = require(art / "embed" / "embeddings.npy", "embed")
-        emb = load_npy(emb_path)
+        emb = art.load_npy(paths, "embed/embeddings.npy")
         dim = config["input"].get("dim")
         if emb.ndim != 2 or len(emb) != n_rows or (dim is not None and emb.shape[1] != dim):
-            raise DataError(f"{emb_path}: shape {emb.shape} does not fit samples.parquet's {n_rows} rows "
-                            f"and the head's input dim {dim}; re-run the 'embed' and 'train' stages")
+            raise DataError(f"embed/embeddings.npy: shape {emb.shape} does not fit samples.parquet's "
+                            f"{n_rows} rows and the head's input dim {dim}; re-run the 'embed' and "
+                            "'train' stages")
         return torch.from_numpy(np.asarray(emb[test], dtype=np.float32)).to(device)
-    images_path = require(art / "ingest" / "images.npy", "ingest")
-    images = load_npy(images_path)
-    if len(images) != n_rows:
-        raise DataError(f"{images_path}: {len(images)} rows but samples.parquet has {n_rows}")
-    return loop.images_to_tensor(images[test], device)
+    return loop.images_to_tensor(art.read_images(paths, n_rows)[test], device)
 
 
 def run(params: Params, paths: Paths) -> dict[str, Any]:
     t0 = time.perf_counter()
-    art = paths.artifacts
-    samples_path = require(art / "ingest" / "samples.parquet", "ingest")
-    history_path = require(art / "train" / "history.json", "train")
+    samples_path = art.locate(paths, "ingest/samples.parquet")
     ep = params.evaluate
     device = loop.resolve_device(ep.device, key="evaluate.device")
     reference = _reference(ep, paths)  # a bad reference fails before any work
-    model, config = load_model(art / "train" / "model", device)
+    model, config = load_model(art.locate(paths, "train/model"), device)
     names = [str(n) for n in (config.get("class_names") or range(config["kwargs"]["n_classes"]))]
 
-    samples = pd.read_parquet(samples_path, columns=["split", "label"])
+    samples = art.read_frame(paths, "ingest/samples.parquet", ["split", "label"])
     split = samples["split"].to_numpy()
     test = np.flatnonzero(split == TEST)
     if len(test) == 0:
@@ -149,14 +132,14 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     if len(bad):
         raise DataError(f"{samples_path}: test label {int(bad[0])} is outside the model's {len(names)} classes")
 
-    x = _inputs(config, art, test, len(samples), device)
+    x = _inputs(config, paths, test, len(samples), device)
     logits = loop.predict_logits(model, x, ep.batch_size)
     probs = torch.softmax(logits.double(), dim=1).cpu().numpy()  # float64: NLL/ECE without rounding noise
     rep = classification_report(probs, y, ep.ece_bins)
 
-    history = read_json(history_path)
+    history = art.read_json(paths, "train/history.json")
     if not history:
-        raise DataError(f"{history_path}: empty training history")
+        raise DataError("train/history.json: empty training history")
     last = history[-1]
     n_train_total = int((split == TRAIN).sum())
     full = n_train_total * len(history)  # the same epochs on every training sample
@@ -185,20 +168,19 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
         flat["steps_ratio_vs_reference"] = _ratio(flat["steps"], reference["steps"])
         flat["seconds_ratio"] = _ratio(flat["train_seconds"], reference["train_seconds"])
         flat["accuracy_delta"] = flat["accuracy"] - reference["accuracy"]
-    counts = _class_counts(config, samples, len(names), art / "train" / "model" / "config.json")
+    counts = _class_counts(config, samples, len(names), "train/model/config.json")
     flat.update(shot_accuracy(rep["per_class_accuracy"], counts, ep.shot_thresholds))
     flat["device"] = device.type
     per_class = {n: _none_if_nan(a) for n, a in zip(names, rep["per_class_accuracy"])}
     bands = shot_bands(counts, ep.shot_thresholds)
 
-    out = paths.stage("evaluate")
-    plots = out / "plots"
+    plots = art.out_dir(paths, "evaluate/plots")
     rel = reliability(probs, y, ep.ece_bins)
     confusion_png(plots / "confusion_matrix.png", rep["confusion"], names)
     per_class_png(plots / "per_class_accuracy.png", names, list(per_class.values()), counts)
     reliability_png(plots / "reliability.png", rel, rep["ece"])
     training_curve_png(plots / "training_curve.png", history)
-    write_json(out / "report.json", {
+    art.write_json(paths, "evaluate/report.json", {
         "per_class": [{"class": n, "accuracy": a, "train_count": int(c), "shot": str(b)}
                       for (n, a), c, b in zip(per_class.items(), counts, bands)],
         "reliability": [
