@@ -9,6 +9,7 @@ in ``dvc.lock`` (``dvc commit <stage>``), so that ``dvc repro`` then has nothing
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,6 +30,8 @@ class StageCache:
     def __init__(self, root: Path):
         from dvc.repo import Repo  # dvc costs ~0.5 s to import; only `dataopt run` needs it
 
+        # DVC logs "Updating lock file 'dvc.lock'" per commit; the run summary says it once
+        logging.getLogger("dvc").setLevel(logging.WARNING)
         self.root = Path(root)
         self.repo = Repo(str(self.root))
 
