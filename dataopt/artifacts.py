@@ -325,8 +325,8 @@ def read_aligned(paths: Paths, path: str, sample_id: np.ndarray) -> dict[str, np
     of samples.parquet in order."""
     arrays = load_npz(paths, path)
     if not np.array_equal(arrays["sample_id"], sample_id):
-        raise DataError(f"{path} does not match the train rows of samples.parquet; re-run the "
-                        f"{ARTIFACTS[path].stage} stage")
+        raise DataError(f"{path} does not match the train rows of samples.parquet: rerun the "
+                        f"'{ARTIFACTS[path].stage}' stage")
     return arrays
 
 

@@ -230,6 +230,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_sources(params, Paths.at(root))  # and the raw source's paths
     # offline machines: no telemetry attempts from the ephemeral API (a user setting still wins)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # a busy 2-core machine can need more than Prefect's default 20 s to start the temporary API
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     _quiet_user_errors()
     from flows.curate import run  # why: Prefect, only for this command
 

@@ -85,9 +85,9 @@ def test_stage_with_local_checkpoint_matches_the_model_called_directly(digits_wr
     run_stage("embed", params, digits_ingested)  # deterministic
     assert np.array_equal(emb, load_npy(out / "embeddings.npy", mmap=False))
 
-    # switching to a backend without text removes the stale text embeddings
+    # switching to a backend without text replaces the stale text embeddings by an empty (0, d) table
     run_stage("embed", validate({"embed": {"kwargs": {"dim": 8}}}), digits_ingested)
-    assert not (out / "text_embeddings.npy").exists()
+    assert load_npy(out / "text_embeddings.npy").shape == (0, 8)
     assert read_json(out / "meta.json")["text_embeddings"] is False
 
 

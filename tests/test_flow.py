@@ -203,7 +203,8 @@ def test_flow_outside_dvc_runs_everything_and_retries_only_transient_errors(tmp_
         {"set": ["seed=3"], "fail": "transient"},  # 4: a transient error is retried
     ]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(ROOT)}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(ROOT),
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90"}
     proc = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(project),
                            json.dumps(steps)], capture_output=True, text=True, env=env,
                           timeout=900, cwd=tmp_path)

@@ -31,7 +31,7 @@ DRIVER = textwrap.dedent("""
 
     @flow(name="embed-only")
     def embed_only():
-        return stage_task("embed", params, Paths.at(project).root).submit(
+        return stage_task("embed", params).submit(
             "embed", params, project).result()
 
     embed_only.with_options(task_runner=task_runner(params))()
@@ -41,7 +41,8 @@ DRIVER = textwrap.dedent("""
 
 def _embed_through_flow(project: Path, raw: dict, runner: str, address: str = "") -> None:
     env = {**os.environ, "PREFECT_HOME": str(project.parent / f"prefect-home-{runner}"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(ROOT)}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(ROOT),
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90"}
     driver = project.parent / "driver.py"
     driver.write_text(DRIVER)
     proc = subprocess.run([sys.executable, str(driver), str(project), runner, address,
