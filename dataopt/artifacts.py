@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,6 +236,21 @@ def scratch(paths: Paths, path: str) -> Path:
     folder = paths.artifacts / path
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+# temp files of io.atomic_path: .<name>.<random><suffix>
+TEMP_FILE = re.compile(r"^\.(.+)\.[^./]+\.[^./]+$")
+
+
+def remove_stale_temps(paths: Paths, stage: str) -> list[Path]:
+    """Delete the temp files a killed run of ``stage`` left beside its artifacts (a writer holding the
+    workspace lock is the only one, so no live write owns them); returns what was removed."""
+    folder = paths.artifacts / stage
+    stale = [f for f in folder.rglob(".*") if f.is_file() and TEMP_FILE.match(f.name)] \
+        if folder.is_dir() else []
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return stale
 
 
 # --- typed readers --------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from dataopt.config import load_params
 from dataopt.errors import UserError
 from dataopt.artifacts import dvc_yaml
 from dataopt.io import atomic_path
+from dataopt.lock import WorkspaceLock, describe
 from dataopt.paths import Paths, check_sources
 
 MAIN_EPILOG = """\
@@ -152,15 +153,30 @@ def _locate(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     root, params_file = _locate(args)
-    return _checked_params(params_file, getattr(args, "overrides", None)), Paths.at(root)
+    paths = Paths.at(root)
+    return _checked_params(params_file, getattr(args, "overrides", None), paths), paths
 
 
-def _checked_params(params_file: Path, overrides: Optional[list[str]]) -> Any:
-    """The schema first (fast), then the method names against the loaded plug-ins."""
+def _checked_params(params_file: Path, overrides: Optional[list[str]], paths: Paths) -> Any:
+    """The cheap checks first (schema, the raw source's paths: well under a second), then the method
+    names against the loaded plug-ins (imports torch)."""
     params = load_params(params_file, overrides)
+    check_sources(params, paths)
     from dataopt.plugins import check_methods  # why: imports torch and every method family (seconds)
 
     return check_methods(params)
+
+
+def _locked(args: argparse.Namespace, params: Any, paths: Paths) -> WorkspaceLock:
+    """The workspace lock for this command; says so when it takes over the lock of a dead process."""
+    command = " ".join(["dataopt", *sys.argv[1:]]) if sys.argv[1:] else f"dataopt {args.command}"
+    return WorkspaceLock(paths.root, command, timeout=params.orchestration.lock_timeout)
+
+
+def _note_stale(lock: WorkspaceLock) -> None:
+    if lock.stale_:
+        print(f"dataopt: took over the workspace lock left by {describe(lock.stale_)}, which is no "
+              "longer running", file=sys.stderr)
 
 
 def _fmt(v: Any) -> str:
@@ -168,10 +184,13 @@ def _fmt(v: Any) -> str:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    stages.module(args.name)  # unknown stage -> UserError before anything is read
+    if args.name not in stages.ORDER:  # before anything is read or imported
+        raise UserError(f"unknown stage {args.name!r}; valid: {', '.join(stages.ORDER)}")
     params, paths = _load(args)
     t0 = time.perf_counter()
-    metrics = stages.run_stage(args.name, params, paths)
+    with _locked(args, params, paths) as lock:
+        _note_stale(lock)
+        metrics = stages.run_stage(args.name, params, paths)
     shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if isinstance(v, (int, float, str)))
     print(f"dataopt: {args.name} done in {time.perf_counter() - t0:.1f} s: {shown}"[:2000])
     return 0
@@ -181,7 +200,9 @@ def cmd_track(args: argparse.Namespace) -> int:
     from tasks.tracking import log_run  # why: MLflow, only for this command
 
     params, paths = _load(args)
-    info = log_run(params, paths, overrides=args.overrides)
+    with _locked(args, params, paths) as lock:
+        _note_stale(lock)
+        info = log_run(params, paths, overrides=args.overrides)
     if info["run_id"]:
         print(f"dataopt: MLflow run {info['run_id']} in experiment {params.tracking.experiment!r} "
               f"({info['tracking_uri']})")
@@ -226,8 +247,8 @@ def _quiet_user_errors() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     root, params_file = _locate(args)
-    params = _checked_params(params_file, args.overrides)  # fail fast, before Prefect starts its API
-    check_sources(params, Paths.at(root))  # and the raw source's paths
+    paths = Paths.at(root)
+    params = _checked_params(params_file, args.overrides, paths)  # fail fast, before Prefect starts
     # offline machines: no telemetry attempts from the ephemeral API (a user setting still wins)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # a busy 2-core machine can need more than Prefect's default 20 s to start the temporary API
@@ -235,7 +256,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _quiet_user_errors()
     from flows.curate import run  # why: Prefect, only for this command
 
-    summary = run(params_file, args.overrides, root, no_cache=args.no_cache)
+    with _locked(args, params, paths) as lock:  # before Prefect starts: a busy workspace fails at once
+        _note_stale(lock)
+        summary = run(params_file, args.overrides, root, no_cache=args.no_cache)
     print(summary_text(summary, root))
     return 0
 

@@ -287,6 +287,9 @@ class OrchestrationParams(Section):
     retries: int = Field(1, ge=0)
     retry_delay_seconds: float = Field(1.0, ge=0)
     cache: bool = True
+    # one writer per workspace: seconds a second `dataopt run/stage/track` waits for the lock
+    # (0 = fail at once naming the holder, -1 = wait as long as it takes)
+    lock_timeout: float = Field(0.0, ge=-1)
 
 
 class Params(Section):

@@ -14,13 +14,14 @@ import os
 import time
 from typing import Any, Optional
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 
 from dataopt.artifacts import ORDER, params as stage_params
 from dataopt.config import Params, load_params
 from dataopt.errors import ConfigError
 from dataopt.io import read_json
 from dataopt.paths import Paths
+from tasks import prefect_server
 from tasks.stages import stage_task, track_task
 from tasks.versioning import StageCache
 from dataopt.plugins import check_methods
@@ -72,6 +73,9 @@ def curate(
     """
     t_start = time.time()
     logger = get_run_logger()
+    crashed = prefect_server.crash_dead_runs()
+    if crashed:
+        logger.info("marked Crashed the flow runs whose process died: %s", ", ".join(crashed))
     paths = Paths.at(project)
     params = check_methods(load_params(params_path or paths.params, overrides))
     project_params = load_params(paths.params) if paths.params.exists() else None
@@ -83,8 +87,8 @@ def curate(
             t0 = time.perf_counter()
             own = differs(name, params, project_params)
             tainted = tainted or own
-            if no_cache:
-                why: Optional[str] = "--no-cache"
+            if no_cache or not params.orchestration.cache:
+                why: Optional[str] = "--no-cache" if no_cache else "orchestration.cache: false"
             elif own:
                 why = "params differ from params.yaml"
             elif cache is None:
@@ -124,6 +128,8 @@ def run(params_path: str | os.PathLike, overrides: Optional[list[str]], project:
         no_cache: bool = False) -> dict[str, Any]:
     """Validate params (fast, before Prefect starts), pick the task runner, run :func:`curate`."""
     params = check_methods(load_params(params_path, overrides))
-    return curate.with_options(task_runner=task_runner(params))(
-        params_path=str(params_path), overrides=list(overrides or []), project=str(project),
-        no_cache=no_cache)
+    prefect_server.install()  # a temporary Prefect API started for this run dies with it
+    with tags(prefect_server.process_tag()):  # so that a later run can tell this one died
+        return curate.with_options(task_runner=task_runner(params))(
+            params_path=str(params_path), overrides=list(overrides or []), project=str(project),
+            no_cache=no_cache)

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 import warnings
@@ -180,6 +181,33 @@ def log_model(uri: str, run_id: str, model_dir: Path) -> str:
     return info.model_uri
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_dead_runs(client: Any, exp_id: str) -> list[str]:
+    """Mark FAILED the runs of ``exp_id`` left RUNNING by a dataopt process of this host that has died
+    (killed while logging, or a full disk); returns their ids. Runs of live or other hosts' processes,
+    and runs not started by dataopt, are left alone."""
+    host, closed = socket.gethostname(), []
+    for run in client.search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        pid = tags.get("dataopt.pid")
+        if tags.get("dataopt.host") != host or not (pid or "").isdigit() or _alive(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "dataopt.failed_reason", f"its process (pid {pid}) died while "
+                       "logging; marked FAILED by the next dataopt run")
+        client.set_terminated(run.info.run_id, status="FAILED")
+        closed.append(run.info.run_id)
+    return closed
+
+
 def log_run(
     params: Params,
     paths: Paths,
@@ -221,7 +249,12 @@ def log_run(
     client = MlflowClient(tracking_uri=uri)
     exp_id = _experiment_id(client, params.tracking.experiment, paths)
     entry = entry or entry_point()
-    tags = {"dataopt.entry_point": entry, "mlflow.source.name": "dataopt"}
+    closed = fail_dead_runs(client, exp_id)
+    if closed:
+        print(f"dataopt: marked {len(closed)} MLflow run(s) FAILED whose process died while logging: "
+              f"{', '.join(closed)}")
+    tags = {"dataopt.entry_point": entry, "mlflow.source.name": "dataopt",
+            "dataopt.pid": str(os.getpid()), "dataopt.host": socket.gethostname()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dataopt.dvc_exp"] = os.environ["DVC_EXP_NAME"]
     commit = git_commit(paths.root)

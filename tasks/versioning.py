@@ -13,6 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
+from dvc.lock import LockError
+from dvc.repo import Repo
+
 from dataopt.errors import UserError
 
 
@@ -28,8 +31,6 @@ class StageCache:
     """DVC's view of one project: :meth:`stale` and :meth:`commit` per stage. Use as a context manager."""
 
     def __init__(self, root: Path):
-        from dvc.repo import Repo  # dvc costs ~0.5 s to import; only `dataopt run` needs it
-
         # DVC logs "Updating lock file 'dvc.lock'" per commit; the run summary says it once
         logging.getLogger("dvc").setLevel(logging.WARNING)
         self.root = Path(root)
@@ -46,7 +47,11 @@ class StageCache:
 
     def stale(self, stage: str) -> Optional[str]:
         """None when ``stage`` matches dvc.lock, else why not (``changed deps: ...``, ``not in dvc.lock``)."""
-        status = self.repo.status(targets=[stage]).get(stage)
+        try:
+            status = self.repo.status(targets=[stage]).get(stage)
+        except LockError:
+            raise UserError(f"DVC is busy in {self.root}: another dvc command (e.g. `dvc repro`) holds "
+                            ".dvc/tmp/lock; wait for it to finish") from None
         if not status:
             return None
         reasons = [item if isinstance(item, str) else _describe(item) for item in status]
@@ -56,6 +61,9 @@ class StageCache:
         """Record ``stage``'s current deps, params and outs in dvc.lock (and outs in DVC's cache)."""
         try:
             self.repo.commit(stage, force=True)
+        except LockError:
+            raise UserError(f"dvc commit {stage} failed: another dvc command holds .dvc/tmp/lock in "
+                            f"{self.root}") from None
         except Exception as err:  # noqa: BLE001 - DVC raises many kinds; the user needs its message
             msg = str(err).strip() or type(err).__name__
             raise UserError(f"dvc commit {stage} failed: {msg}") from None

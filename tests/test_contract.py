@@ -6,7 +6,6 @@ by an audit hook and checked against the declaration; (3) each stage runs again 
 only its declared inputs and must produce the same data, which catches a read the hooks cannot see (a
 C++ reader such as pyarrow's) or one skipped because its file was missing.
 """
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -46,7 +45,7 @@ def traced_run(name: str, params: Params, paths: Paths):
     return log, opened
 
 
-_TEMP = re.compile(r"^\.(.+)\.[^./]+\.[^./]+$")  # dataopt.io.atomic_path: .<name>.<random><suffix>
+_TEMP = artifacts.TEMP_FILE
 
 
 def _artifact_of(rel: str) -> str | None:

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from dataopt.errors import DataError
-from dataopt.io import atomic_path, load_npy
+from dataopt.io import atomic_path, reserve, load_npy
 
 STATE_FILE = "state.safetensors"
 _META_KEY = "dataopt"
@@ -73,8 +73,9 @@ def assemble(shards: Sequence[Path], out: Path, n: int) -> np.ndarray:
     first = load_npy(shards[0])
     d = first.shape[1]
     rows = 0
-    with atomic_path(out, suffix=".npy") as tmp:
+    with atomic_path(out, suffix=".npy", size=n * d * 2) as tmp:
         dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, d))
+        reserve(tmp)  # blocks allocated now: a full disk is a message, not a SIGBUS in the copy
         for path in shards:
             block = load_npy(path)
             if block.dtype != np.float16 or block.ndim != 2 or block.shape[1] != d or rows + len(block) > n:

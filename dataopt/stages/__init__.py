@@ -90,6 +90,7 @@ def run_stage(name: str, params: Params, paths: Paths, **hooks: Any) -> dict[str
     orchestrator runs the per-shard work; see ``dataopt.stages.embed``).
     """
     mod = module(name)
+    art.remove_stale_temps(paths, name)  # of a killed earlier run: every artifact is old or new
     started = time.time()
     t0 = time.perf_counter()
     with stage_context(name):
