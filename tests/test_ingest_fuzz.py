@@ -119,7 +119,7 @@ def _timeout(*_):
 
 def _check(root: Path, params: IngestParams, rows_in: int | None, hidden: int | None = None):
     """Run ingest; a UserError is an accepted outcome, any other exception fails the property."""
-    if CAMPAIGN:  # the old code allocated a list per class: a huge label could run for minutes (counted as TimeoutError)
+    if CAMPAIGN:  # the old code built a list per class: a huge label ran for minutes (counted as a traceback)
         signal.signal(signal.SIGALRM, _timeout)
         signal.alarm(10)
     try:

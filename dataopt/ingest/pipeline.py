@@ -275,9 +275,10 @@ def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None
         error = (f"ingest: no valid sample remains out of {n_read} rows read from {p.source} "
                  f"({p.path or 'built-in'}); reasons: {top or 'no rows'}; see quarantine.parquet")
     elif len(train_classes) < 2:
-        found = ", ".join(repr(names[c]) for c in train_classes)
-        error = (f"ingest: the train split has {len(train_classes)} class{'' if len(train_classes) == 1 else 'es'} with valid samples ({found or 'none'}) "
-                 f"of {len(names)} classes; a classifier needs at least 2; see quarantine.parquet and "
+        found = ", ".join(repr(names[c]) for c in train_classes) or "none"
+        n_found = len(train_classes)
+        error = (f"ingest: the train split has {n_found} class{'' if n_found == 1 else 'es'} with valid samples "
+                 f"({found}) of {len(names)} classes; a classifier needs at least 2; see quarantine.parquet and "
                  f"report.json")
     elif share > p.max_quarantine_fraction:
         error = (f"ingest: {n_quar} of {n_read} rows quarantined (share {share:.3f}) exceeds "

@@ -73,6 +73,9 @@ def concat(parts: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def shown(name: str) -> str:
     """A file name as valid UTF-8 text: bytes that are not UTF-8 (kept by Python as surrogate escapes)
     are written as ``\\xNN``, so names stay readable and storable in Parquet and JSON."""
@@ -82,9 +85,6 @@ def shown(name: str) -> str:
         return os.fsencode(name).decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a surrogate that no file system byte maps to
         return name.encode("utf-8", "backslashreplace").decode("ascii")
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _user_path(p: Optional[str], root: Path, what: str) -> Path:
@@ -121,7 +121,8 @@ def check_path(rel: Any, base: Path) -> tuple[Optional[str], Optional[str], str]
     try:
         real = (base / rel).resolve()
         if not real.is_relative_to(base.resolve()):
-            return None, "path_escapes_root", f"{shown(rel)!r} resolves to {shown(str(real))}, outside the dataset root {base}"
+            return (None, "path_escapes_root",
+                    f"{shown(rel)!r} resolves to {shown(str(real))}, outside the dataset root {base}")
         if not real.exists():
             return None, "missing_file", f"file not found: {shown(str(base / rel))}"
         if not real.is_file():
