@@ -46,6 +46,7 @@ class IngestParams(Section):
     clean_label_column: Optional[str] = None
     id_column: Optional[str] = None
     classes: Optional[list[str]] = None
+    max_classes: int = Field(1000, ge=2)  # more classes (declared or inferred) stop ingest with one message
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     image_size: Optional[int] = Field(None, ge=4, le=1024)
     max_pixels: int = Field(50_000_000, gt=0)

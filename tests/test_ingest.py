@@ -230,14 +230,18 @@ def test_imagefolder_quarantines_every_bad_kind(tmp_path, ingest_folder):
 
 
 def test_imagefolder_max_pixels_and_image_size(tmp_path, ingest_folder):
+    (ingest_folder / "bird").mkdir()  # a second declared class: ingest stops on fewer than two
+    (ingest_folder / "bird" / "b.png").write_bytes(_png_bytes(_rgb(20)))
     _, s, im, q, rep = _run(tmp_path, source="imagefolder", path=str(ingest_folder), max_pixels=300,
-                            image_size=8, classes=["dog"], max_quarantine_fraction=1.0)
+                            image_size=8, classes=["dog", "bird"], max_quarantine_fraction=1.0)
     got = _reasons(q)
     assert got["dog/wrong_size.png"] == "decompression_bomb"  # 24*20 > 300, checked before decoding
     assert got["cat/good0.png"] == "unknown_label"
     assert "'cat'" in q.set_index("source").at["cat/good0.png", "detail"]
     assert im.shape[1:] == (8, 8, 3) and rep["n_resized"] == len(s)
-    assert set(s["label_name"]) == {"dog"} and (s["label"] == 0).all()
+    dog = s["source"].str.startswith("dog/")
+    assert set(s.loc[dog, "label_name"]) == {"dog"} and (s.loc[dog, "label"] == 0).all()
+    assert s.loc[~dog, "source"].tolist() == ["bird/b.png"] and (s.loc[~dog, "label"] == 1).all()
 
 
 def test_csv_manifest(tmp_path):

@@ -26,6 +26,7 @@ _IMAGE_EXTS = {ext.lower() for ext in Image.registered_extensions()}
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 _ORIENTATION = 0x0112  # EXIF tag
+_ORIENTATIONS = range(2, 9)  # the EXIF orientations that move pixels (1 = as stored)
 CHUNK = 256
 
 
@@ -144,21 +145,34 @@ def decode(file: Optional[str], data: Optional[bytes], target: tuple[int, int]) 
     """
     try:
         with _open(file, data) as im:
+            frames = _n_frames(im)
             im.load()
+            notes = [f"first of {frames} frames kept"] if frames > 1 else []
             # photos store their orientation in EXIF; apply it so the stored pixels are upright
             orientation = im.getexif().get(_ORIENTATION, 1)
-            rgb, note = to_rgb(ImageOps.exif_transpose(im) if orientation not in (None, 1) else im)
-            if orientation not in (None, 1):
-                note = "; ".join(x for x in (f"EXIF orientation {orientation} applied", note) if x)
+            if orientation in _ORIENTATIONS:
+                im = ImageOps.exif_transpose(im)
+                notes.append(f"EXIF orientation {orientation} applied")
+            elif orientation not in (None, 1):
+                notes.append(f"EXIF orientation {orientation!r} ignored (invalid; valid values are 1..8)")
+            rgb, converted = to_rgb(im)
+            if min(rgb.shape[:2]) == 0:
+                return "corrupt_image", "the image has no pixels (0 width or height)", None, "", False
+            rgb, resized = fit_size(rgb, target)
     except FileNotFoundError:
         return "missing_file", "file disappeared while decoding", None, "", False
     except UnidentifiedImageError:
         return (*_unreadable(file, data), None, "", False)
     except Exception as exc:  # truncated (OSError/EOFError) or corrupt (OSError, SyntaxError, ValueError, ...)
         return (*_load_error(exc), None, "", False)
-    rgb, resized = fit_size(rgb, target)
-    notes = "; ".join(n for n in (note, resized) if n)
-    return None, "", rgb, notes, bool(resized)
+    return None, "", rgb, "; ".join(n for n in (*notes, converted, resized) if n), bool(resized)
+
+
+def _n_frames(im: Image.Image) -> int:
+    """How many frames (GIF, APNG, multi-page TIFF, ...) the image has; the first one is decoded."""
+    n = getattr(im, "n_frames", 1)  # may seek through the file: a broken later frame raises (quarantined)
+    im.seek(0)
+    return int(n)
 
 
 def _pool(n_items: int, workers: Optional[int]):

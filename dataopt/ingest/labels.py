@@ -11,32 +11,57 @@ import numpy as np
 from dataopt.errors import ConfigError, DataError
 
 MISSING, UNKNOWN = -1, -2
-_INT = re.compile(r"^[+-]?\d+$")
+# integer-like text: optional sign, decimal digits of any script (int() reads them), optional ".0"
+_INT = re.compile(r"^[+-]?\d+(?:\.0*)?$")
+_MISSING_TEXT = {"", "none", "nan", "null"}
+
+
+def normalise(v: Any) -> Any:
+    """The label value ``v`` as None (missing), an int, or a stripped string.
+
+    Whitespace is stripped; ``None``, NaN and the strings "", "None", "nan", "null" (any case) are
+    missing; integers, integer-valued floats and integer-like strings ("1", "01", "+1", "1.0", "\u0661")
+    become the same int. Anything else (e.g. "1e3", "1_000", "1.5") stays a string class.
+    """
+    if v is None or isinstance(v, (bool, np.bool_)):
+        return None if v is None else str(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        if np.isnan(v):
+            return None
+        return int(v) if float(v).is_integer() else str(v)
+    s = str(v).strip()
+    if s.lower() in _MISSING_TEXT:
+        return None
+    if _INT.match(s):
+        try:
+            return int(s.split(".", 1)[0])
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+            return s
+    return s
 
 
 def _is_missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and not v.strip())
-
-
-def _as_int(v: Any) -> Optional[int]:
-    """``v`` as an int label if it is one (3, 3.0, "3"), else None."""
-    if isinstance(v, (bool, np.bool_)):
-        return None
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)) and float(v).is_integer():
-        return int(v)
-    if isinstance(v, str) and _INT.match(v.strip()):
-        return int(v)
-    return None
+    return normalise(v) is None
 
 
 def label_kind(values: Sequence[Any], classes: Optional[list[str]] = None) -> str:
-    """"int" when every present label is an integer (or an integer string not among ``classes``), else "str"."""
-    present = [v for v in values if not _is_missing(v)]
-    if classes and all(isinstance(v, str) for v in present) and any(v in classes for v in present):
-        return "str"
-    return "int" if all(_as_int(v) is not None for v in present) else "str"
+    """"int" when every present label is integer-like (and, with declared ``classes``, none is
+    literally one of the class names), else "str"."""
+    keys = [k for k in map(normalise, values) if k is not None]
+    if classes:
+        declared = {str(normalise(c)) for c in classes}
+        if any(isinstance(v, str) and str(normalise(v)) in declared for v in values):
+            return "str"
+    return "int" if all(isinstance(k, int) for k in keys) else "str"
+
+
+def _bound(k: int, max_classes: int, column: str) -> None:
+    if k > max_classes:
+        raise DataError(f"label column {column!r}: integer labels up to {k - 1} mean {k} classes, more than "
+                        f"ingest.max_classes={max_classes}; fix the labels, declare ingest.classes, or raise "
+                        f"ingest.max_classes")
 
 
 def class_names(
@@ -45,23 +70,34 @@ def class_names(
     classes: Optional[list[str]],
     names: Optional[Sequence[Any]] = None,
     other_labels: Optional[Sequence[Any]] = None,
+    max_classes: int = 1000,
+    column: str = "label",
 ) -> list[str]:
     """Class names, in label-index order.
 
     ``classes`` wins; then, for int labels, the per-row ``names`` column (the majority name of each int,
     taken from whichever of ``labels`` / ``other_labels`` agrees best with the names: a file may carry
     noisy labels next to names that describe its clean labels); else sorted distinct string labels, or
-    ``"0".."K-1"`` for int labels without names.
+    ``"0".."K-1"`` for int labels without names. More than ``max_classes`` classes raise DataError
+    (naming ``column``) before anything per class is built.
     """
     if classes:
-        if len(set(classes)) != len(classes):
-            raise ConfigError(f"ingest.classes has repeated names: {classes}")
+        if len(classes) > max_classes:
+            raise DataError(f"ingest.classes has {len(classes)} names, more than ingest.max_classes={max_classes}")
+        keys = [str(normalise(c)) for c in classes]
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"ingest.classes has repeated names (after normalisation): {classes}")
         return list(classes)
-    present = [v for v in labels if not _is_missing(v)]
+    present = [k for k in map(normalise, labels) if k is not None]
     if kind == "str":
-        return sorted({str(v).strip() for v in present})
-    ints = [_as_int(v) for v in present if _as_int(v) is not None and _as_int(v) >= 0]
+        distinct = {str(k) for k in present}
+        if len(distinct) > max_classes:
+            raise DataError(f"label column {column!r}: {len(distinct)} distinct labels, more than "
+                            f"ingest.max_classes={max_classes}; fix the labels or raise ingest.max_classes")
+        return sorted(distinct)
+    ints = [k for k in present if k >= 0]
     k = max(ints) + 1 if ints else 0
+    _bound(k, max_classes, column)
     mapping: dict[int, str] = {}
     if names is not None:
         best, best_share = {}, -1.0
@@ -69,8 +105,8 @@ def class_names(
             if cand is None:
                 continue
             pairs = Counter(
-                (_as_int(l), str(n)) for l, n in zip(cand, names)
-                if not _is_missing(n) and not _is_missing(l) and _as_int(l) is not None
+                (normalise(l), str(n)) for l, n in zip(cand, names)
+                if not _is_missing(n) and isinstance(normalise(l), int)
             )
             major: dict[int, tuple[str, int]] = {}
             for (l, n), c in pairs.items():
@@ -83,28 +119,29 @@ def class_names(
         mapping = {l: n for l, n in best.items() if l >= 0}
         if mapping:
             k = max(k, max(mapping) + 1)
+            _bound(k, max_classes, column)
     return [mapping.get(i, str(i)) for i in range(k)]
 
 
 def encode(values: Sequence[Any], kind: str, names: list[str]) -> np.ndarray:
-    """Labels as class indices into ``names``.
+    """Labels as class indices into ``names``, after :func:`normalise`.
 
     Returns
     -------
     ndarray, shape (n,), int64
         Index, or :data:`MISSING` (-1) for an absent label, :data:`UNKNOWN` (-2) for one not in ``names``.
     """
-    lookup = {n: i for i, n in enumerate(names)}
+    lookup = {str(normalise(n)): i for i, n in enumerate(names)}
     k = len(names)
     out = np.empty(len(values), dtype=np.int64)
     for j, v in enumerate(values):
-        if _is_missing(v):
+        key = normalise(v)
+        if key is None:
             out[j] = MISSING
         elif kind == "int":
-            i = _as_int(v)
-            out[j] = i if i is not None and 0 <= i < k else UNKNOWN
+            out[j] = key if isinstance(key, int) and 0 <= key < k else UNKNOWN
         else:
-            out[j] = lookup.get(str(v).strip(), UNKNOWN)
+            out[j] = lookup.get(str(key), UNKNOWN)
     return out
 
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 from dataopt.config import IngestParams
 from dataopt.ingest import decode as dec
 from dataopt.ingest import labels as lab
-from dataopt.ingest import sources  # noqa: F401  (fills SOURCES)
+from dataopt.ingest import sources  # also fills SOURCES
 from dataopt.registry import SOURCES
 from dataopt.schema import QUARANTINE_COLUMNS, QUARANTINE_REASONS, SAMPLES_COLUMNS, TEST, TRAIN
 
@@ -80,7 +80,7 @@ class _Verdicts:
         """Quarantine rows ``idx`` whose reason is not None (and that have no reason yet)."""
         for i, r, d in zip(idx, reasons, details):
             if r is not None and self.reason[i] is None:
-                self.reason[i], self.detail[i] = r, f"{self.source[i]}: {d}"
+                self.reason[i], self.detail[i] = r, sources.shown(f"{self.source[i]}: {d}")
 
 
 def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None) -> IngestResult:
@@ -103,7 +103,9 @@ def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None
     kind = lab.label_kind(frame["label"][ok].tolist(), p.classes)
     names_col = frame["label_name"][ok].tolist() if frame["label_name"].notna().any() else None
     clean_col = frame["label_clean"][ok].tolist() if frame["label_clean"].notna().any() else None
-    names = lab.class_names(frame["label"][ok].tolist(), kind, p.classes, names_col, clean_col)
+    column = p.label_column if not p.eval_label_column else f"{p.label_column}' / '{p.eval_label_column}"
+    names = lab.class_names(frame["label"][ok].tolist(), kind, p.classes, names_col, clean_col,
+                            p.max_classes, column)
     codes = lab.encode(frame["label"].tolist(), kind, names)
     clean_kind = lab.label_kind(frame["label_clean"].tolist(), p.classes)
     clean = lab.encode(frame["label_clean"].tolist(), clean_kind, names)
@@ -181,8 +183,10 @@ def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None
     sid = lab.sample_ids(split.tolist(), keys.tolist())
     label_clean = clean[valid].copy()
     train = split == TRAIN
+    train_classes = np.unique(label[train])
     noisy = label.copy()
-    noisy[train] = lab.inject_noise(label[train], len(names), p.noise.kind, p.noise.rate, p.noise.seed)
+    if len(train_classes) >= 2:  # else ingest stops below; noise needs two classes
+        noisy[train] = lab.inject_noise(label[train], len(names), p.noise.kind, p.noise.rate, p.noise.seed)
     flipped = noisy != label
     if p.noise.kind != "none" and p.noise.rate > 0:
         # the pre-noise label becomes the clean label unless a clean column already supplied one
@@ -270,6 +274,12 @@ def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None
     if n_valid == 0:
         error = (f"ingest: no valid sample remains out of {n_read} rows read from {p.source} "
                  f"({p.path or 'built-in'}); reasons: {top or 'no rows'}; see quarantine.parquet")
+    elif len(train_classes) < 2:
+        found = ", ".join(repr(names[c]) for c in train_classes) or "none"
+        n_found = len(train_classes)
+        error = (f"ingest: the train split has {n_found} class{'' if n_found == 1 else 'es'} with valid samples "
+                 f"({found}) of {len(names)} classes; a classifier needs at least 2; see quarantine.parquet and "
+                 f"report.json")
     elif share > p.max_quarantine_fraction:
         error = (f"ingest: {n_quar} of {n_read} rows quarantined (share {share:.3f}) exceeds "
                  f"ingest.max_quarantine_fraction={p.max_quarantine_fraction}; top reasons: {top}; "

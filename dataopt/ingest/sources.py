@@ -8,13 +8,16 @@ pipeline quarantines them without opening anything.
 """
 from __future__ import annotations
 
+import csv
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.datasets import load_digits
 
@@ -70,13 +73,33 @@ def concat(parts: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def shown(name: str) -> str:
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 (kept by Python as surrogate escapes)
+    are written as ``\\xNN``, so names stay readable and storable in Parquet and JSON."""
+    if not _SURROGATE.search(name):
+        return name
+    try:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file system byte maps to
+        return name.encode("utf-8", "backslashreplace").decode("ascii")
+
+
 def _user_path(p: Optional[str], root: Path, what: str) -> Path:
     if p is None:
         raise DataError(f"ingest.{what} is required for this source; set it in params.yaml")
+    if "\0" in p:
+        raise DataError(f"ingest.{what}: {p!r} contains a NUL byte, which no file name can hold")
     q = Path(p).expanduser()
     q = q if q.is_absolute() else root / q
-    if not q.exists():
-        raise DataError(f"ingest.{what}: {q} does not exist")
+    try:
+        exists = q.exists()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise DataError(f"ingest.{what}: {shown(str(q))}: {exc.strerror or exc}") from None
+    if not exists:
+        raise DataError(f"ingest.{what}: {shown(str(q))} does not exist")
     return q
 
 
@@ -91,15 +114,21 @@ def check_path(rel: Any, base: Path) -> tuple[Optional[str], Optional[str], str]
     if rel is None or (isinstance(rel, float) and np.isnan(rel)) or str(rel).strip() == "":
         return None, "missing_file", "empty path"
     rel = str(rel)
+    if "\0" in rel:
+        return None, "missing_file", f"path {shown(rel)!r} contains a NUL byte, which no file name can hold"
     if Path(rel).is_absolute():
-        return None, "path_escapes_root", f"absolute path {rel!r}: paths must be relative to {base}"
-    real = (base / rel).resolve()
-    if not real.is_relative_to(base.resolve()):
-        return None, "path_escapes_root", f"{rel!r} resolves to {real}, outside the dataset root {base}"
-    if not real.exists():
-        return None, "missing_file", f"file not found: {base / rel}"
-    if not real.is_file():
-        return None, "not_an_image", f"{base / rel} is not a regular file"
+        return None, "path_escapes_root", f"absolute path {shown(rel)!r}: paths must be relative to {base}"
+    try:
+        real = (base / rel).resolve()
+        if not real.is_relative_to(base.resolve()):
+            return (None, "path_escapes_root",
+                    f"{shown(rel)!r} resolves to {shown(str(real))}, outside the dataset root {base}")
+        if not real.exists():
+            return None, "missing_file", f"file not found: {shown(str(base / rel))}"
+        if not real.is_file():
+            return None, "not_an_image", f"{shown(str(base / rel))} is not a regular file"
+    except (OSError, RuntimeError) as exc:  # name too long, symlink loop (RuntimeError before 3.13), ...
+        return None, "missing_file", f"cannot open {shown(rel)!r}: {exc}"
     return str(real), None, ""
 
 
@@ -156,18 +185,26 @@ def _walk(root: Path) -> tuple[list[str], list[tuple[str, str]], int]:
         if real in seen:
             continue
         seen.add(real)
-        with os.scandir(d) as it:
-            entries = sorted(it, key=lambda e: e.name)
+        try:
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            raise DataError(f"imagefolder: cannot list {shown(str(d))}: {exc.strerror or exc}") from None
         for e in entries:
             if e.name.startswith("."):
                 hidden += 1  # .DS_Store, .ipynb_checkpoints: counted in report.json, not ingested
                 continue
             rel = Path(e.path).relative_to(root).as_posix()
-            if e.is_dir(follow_symlinks=True):
-                if e.is_symlink() and not Path(e.path).resolve().is_relative_to(base):
-                    escaping.append((rel, f"directory symlink {rel!r} resolves to {Path(e.path).resolve()}, outside {root}"))
-                else:
-                    stack.append(Path(e.path))
+            try:
+                is_dir = e.is_dir(follow_symlinks=True)
+                target = Path(e.path).resolve() if is_dir and e.is_symlink() else None
+            except (OSError, RuntimeError):  # a symlink loop: left to check_path, which quarantines it
+                is_dir, target = False, None
+            if target is not None and not target.is_relative_to(base):
+                escaping.append((rel, f"directory symlink {shown(rel)!r} resolves to {shown(str(target))}, "
+                                      f"outside {shown(str(root))}"))
+            elif is_dir:
+                stack.append(Path(e.path))
             else:
                 files.append(rel)
     return sorted(files), escaping, hidden
@@ -191,14 +228,15 @@ class ImageFolder(_Source):
         files, escaping, hidden = _walk(folder)
         if self.limit is not None:
             files = files[: self.limit]
-        labels = [f.split("/", 1)[0] if "/" in f else None for f in files]
+        names = [shown(f) for f in files]
+        labels = [f.split("/", 1)[0] if "/" in f else None for f in names]
         checked = [check_path(f, folder) for f in files]
         frame = make_frame(
             len(files),
             part=part,
             split=split,
-            source=files,
-            key=files,
+            source=names,
+            key=names,
             label=labels,
             file=[c[0] for c in checked],
             reason=[c[1] for c in checked],
@@ -206,8 +244,8 @@ class ImageFolder(_Source):
         )
         if escaping:
             frame = concat([frame, make_frame(
-                len(escaping), part=part, split=split, source=[e[0] for e in escaping],
-                key=[e[0] for e in escaping], reason="path_escapes_root", detail=[e[1] for e in escaping],
+                len(escaping), part=part, split=split, source=[shown(e[0]) for e in escaping],
+                key=[shown(e[0]) for e in escaping], reason="path_escapes_root", detail=[e[1] for e in escaping],
             )])
         return frame, hidden
 
@@ -238,6 +276,26 @@ class _TableSource(_Source):
         return RawRows(concat(parts))
 
 
+def _value_type(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def _check_label_type(file: Path, column: str, t: pa.DataType) -> None:
+    """Labels are integers or strings; a float column is accepted when its values are integer-valued
+    (checked once read). Lists, structs, maps, binary, booleans, dates, ... are refused by name."""
+    v = _value_type(t)
+    if not (pa.types.is_integer(v) or pa.types.is_string(v) or pa.types.is_large_string(v)
+            or pa.types.is_floating(v) or pa.types.is_null(v)):
+        raise DataError(f"{file}: label column {column!r} has type {t}; labels must be integers or strings")
+
+
+def _check_integer_valued(file: Path, column: str, t: pa.DataType, values: list) -> None:
+    odd = next((v for v in values if v is not None and v == v and not float(v).is_integer()), None)
+    if odd is not None:
+        raise DataError(f"{file}: label column {column!r} has type {t} with a non-integer value ({odd!r}); "
+                        f"labels must be integers or strings")
+
+
 @SOURCES.register("parquet")
 class ParquetSource(_TableSource):
     """A Parquet table: image bytes (``image_column``) or paths (``path_column``, relative to the
@@ -258,8 +316,16 @@ class ParquetSource(_TableSource):
         self.id_column, self.limit, self.root = id_column, limit, root
 
     def _part(self, file: Path, part: int, split: Optional[str], label_column: str) -> pd.DataFrame:
+        try:
+            return self._read(file, part, split, label_column)
+        except (pa.ArrowException, OSError, ValueError) as exc:  # not Parquet, corrupt pages, unreadable
+            raise DataError(f"{shown(str(file))}: not a readable Parquet file ({type(exc).__name__}: "
+                            f"{shown(str(exc))})") from None
+
+    def _read(self, file: Path, part: int, split: Optional[str], label_column: str) -> pd.DataFrame:
         pf = pq.ParquetFile(file)
-        names = pf.schema_arrow.names
+        schema = pf.schema_arrow
+        names = schema.names
         payload = self.path_column or self.image_column
         want = {"payload": payload, "label": label_column}
         if payload not in names:
@@ -278,6 +344,14 @@ class ParquetSource(_TableSource):
                 raise _missing_column(file, self.clean_label_column, "clean_label_column", names)
         if self.label_name_column and self.label_name_column in names:
             want["name"] = self.label_name_column
+        for role in ("label", "clean", "name"):
+            if role in want:
+                _check_label_type(file, want[role], schema.field(want[role]).type)
+        if not self.path_column:
+            t = schema.field(payload).type
+            if not (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)):
+                raise DataError(f"{file}: image column {payload!r} has type {t}; expected binary image bytes "
+                                f"(or set ingest.path_column to a column of image paths)")
         columns = list(dict.fromkeys(want.values()))
         batches, n = [], 0
         for batch in pf.iter_batches(batch_size=8192, columns=columns):
@@ -291,6 +365,9 @@ class ParquetSource(_TableSource):
         for b in batches:
             for c in columns:
                 col[c].extend(b.column(c).to_pylist())
+        for role in ("label", "clean"):
+            if role in want and pa.types.is_floating(_value_type(schema.field(want[role]).type)):
+                _check_integer_valued(file, want[role], schema.field(want[role]).type, col[want[role]])
         rows = np.arange(n)
         source = [f"{file.name}#row={i}" for i in rows]
         ids = [None if v is None else str(v) for v in col[want["id"]]] if "id" in want else [None] * n
@@ -331,9 +408,11 @@ class CsvSource(_TableSource):
 
     def _part(self, file: Path, part: int, split: Optional[str], label_column: str) -> pd.DataFrame:
         try:
-            df = pd.read_csv(file, dtype=str, keep_default_na=False, nrows=self.limit)
-        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-            raise DataError(f"{file}: not a readable CSV manifest ({exc})") from None
+            # short rows leave NaN even without NA parsing: "" keeps every cell text
+            df = pd.read_csv(file, dtype=str, keep_default_na=False, nrows=self.limit).fillna("")
+        except (ValueError, OSError, csv.Error) as exc:  # parser errors, not UTF-8, empty, unreadable
+            raise DataError(f"{shown(str(file))}: not a readable CSV manifest ({type(exc).__name__}: "
+                            f"{shown(str(exc))})") from None
         names = list(df.columns)
         path_col = self.path_column or "path"
         if path_col not in names:
