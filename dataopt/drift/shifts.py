@@ -53,9 +53,10 @@ def corrupt(images: np.ndarray, kind: str, severity: int, rng: np.random.Generat
         out = torch.where(v > 0, out, torch.full_like(out, round(c * 255))).to(torch.uint8)  # black -> grey
     elif kind == "jpeg":
         out = F.jpeg(x, quality=int(c))
-    else:  # pixelate: box-like downscale, nearest upscale
+    else:  # pixelate: downscale and back (antialiased bilinear both ways: at CIFAR's factors near 1,
+        # nearest or box upscaling mostly shifts pixels, and the damage stops growing with severity)
         small = F.resize(x, [max(1, int(h * c)), max(1, int(w * c))], antialias=True)
-        out = F.resize(small, [h, w], interpolation=F.InterpolationMode.NEAREST)
+        out = F.resize(small, [h, w], antialias=True)
     return out.permute(0, 2, 3, 1).contiguous().numpy()
 
 
@@ -66,15 +67,16 @@ def no_shift(pool_size: int, size: int, rng: np.random.Generator) -> np.ndarray:
 
 def class_prior_shift(labels: np.ndarray, classes, share: float, size: int,
                       rng: np.random.Generator) -> np.ndarray:
-    """Indices of a batch of ``size`` rows in which each class in ``classes`` keeps ``share`` of its
+    """Indices of a batch of ``size`` rows in which each class in ``classes`` has ``share`` times its
     proportion in ``labels`` (e.g. three classes at a third of their share); the other classes fill
-    the rest in their own proportions. Rows are drawn without replacement within each class."""
+    the rest in their own relative proportions. Rows are drawn without replacement within each class."""
     labels = np.asarray(labels)
     values, counts = np.unique(labels, return_counts=True)
     prior = counts / counts.sum()
-    prior = np.where(np.isin(values, list(classes)), prior * share, prior)
-    quota = _quota(prior / prior.sum(), size)
-    return _draw(labels, values, quota, rng)
+    dropped = np.isin(values, list(classes))
+    rest = prior[~dropped].sum()
+    target = np.where(dropped, prior * share, prior * (1 - share * prior[dropped].sum()) / max(rest, 1e-12))
+    return _draw(labels, values, _quota(target, size), rng)
 
 
 def with_new_class(labels: np.ndarray, new_class: int, fraction: float, size: int,
