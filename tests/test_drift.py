@@ -180,6 +180,12 @@ def test_classifier_looks_new_ranks_the_new_rows_first():
     assert np.mean(top < 50) >= 0.8
 
 
+def test_classifier_on_a_tiny_batch_says_it_did_not_test():
+    rng = np.random.default_rng(0)
+    r = DRIFT_TESTS.build("classifier").fit(world(rng, 100), world(rng, 3)).result_
+    assert not r.decision and r.p_value == 1.0 and "not tested" in r.why
+
+
 def test_per_class_mmd_names_the_shifted_class_only():
     rng = np.random.default_rng(0)
     ref, batch = world(rng, 600), world(rng, 300)

@@ -44,6 +44,11 @@ class ClassifierTwoSample:
         rng = np.random.default_rng(self.random_state)
         x, y = need(reference, "embeddings", "reference"), need(batch, "embeddings", "batch")
         x = x[take(x, self.max_reference, rng)]
+        if min(len(x), len(y)) < 2 * self.folds:  # every test fold needs rows of both sides
+            why = f"not tested: {len(y)} batch rows, {len(x)} reference rows (needs {2 * self.folds} each)"
+            self.result_ = DriftResult("classifier", 0.5, 1.0, 0.0, False, why, len(reference["embeddings"]),
+                                       len(y), self.alpha, {"looks_new": np.full(len(y), np.nan)})
+            return self
         z = np.concatenate([x, y]).astype(np.float32)
         # standardised without the domain labels, so no fold learns anything from another's labels
         z = (z - z.mean(0)) / (z.std(0) + 1e-6)
