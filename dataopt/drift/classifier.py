@@ -23,9 +23,9 @@ from dataopt.registry import DRIFT_TESTS
 class ClassifierTwoSample:
     """Cross-validated AUC of a logistic regression telling batch from reference embeddings.
 
-    One-sided (AUC > 0.5), Bonferroni across the folds. The reference is subsampled to ``max_reference`` rows. Effect size:
-    AUC - 0.5. Breakdown: ``looks_new``, each batch row's out-of-fold probability of being from the
-    batch (every batch row is scored)."""
+    One-sided (AUC > 0.5), Bonferroni across the folds. The reference is subsampled to
+    ``max_reference`` rows. Effect size: AUC - 0.5. Breakdown: ``looks_new``, each batch row's
+    out-of-fold probability of being from the batch (every batch row is scored)."""
 
     requires = ("embeddings",)
 
