@@ -293,6 +293,22 @@ class OrchestrationParams(Section):
     lock_timeout: float = Field(0.0, ge=-1)
 
 
+class DriftParams(Section):
+    """The drift check of a batch against the reference (dataopt/drift)."""
+
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)  # per test, and family-wise (Holm) for the verdict
+    permutations: int = Field(500, ge=19)  # MMD null draws: p-values down to 1 / (1 + B)
+    max_reference: int = Field(2000, ge=10)  # reference rows per check (MMD, classifier; bounds time)
+    min_batch: int = Field(50, ge=1)  # smaller batches get no verdict
+    # per test: the smallest effect that counts as drift (each test's own scale, 0 = none; see
+    # dataopt/drift/result.py): MMD², AUC - 0.5, KS distance, total variation, rate difference
+    effect_floor: dict[str, float] = {"mmd": 0.0, "per_class_mmd": 0.0, "classifier": 0.02, "bbsd_ks": 0.05,
+                                      "bbsd_chi2": 0.05, "label_shift": 0.05, "label_quality": 0.03,
+                                      "image_stats": 0.05}
+    tests: list[str] = ["mmd", "classifier", "bbsd_ks", "bbsd_chi2", "label_shift", "per_class_mmd",
+                        "label_quality", "image_stats"]
+
+
 class Params(Section):
     """The whole of ``params.yaml``."""
 
@@ -306,6 +322,7 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
     orchestration: OrchestrationParams = OrchestrationParams()
+    drift: DriftParams = DriftParams()
 
     def section(self, name: str) -> dict[str, Any]:
         return getattr(self, name).model_dump(mode="json")

@@ -104,4 +104,5 @@ WEIGHTERS = Registry("weighter")
 SELECTORS = Registry("selector")
 DYNAMIC_SELECTORS = Registry("dynamic selector")
 MODELS = Registry("model")
+DRIFT_TESTS = Registry("drift test")
 
