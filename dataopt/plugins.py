@@ -93,6 +93,8 @@ def _checks(p: Params) -> list[tuple[str, Callable[[], None]]]:
                                                         p.train.dynamic.kwargs)))
     if p.train.adaaugment.kwargs:
         checks.append(("train.adaaugment.kwargs", lambda: _adaaugment(p.train.adaaugment.kwargs)))
+    checks += [("drift.tests", lambda n=n: _kwargs("DRIFT_TESTS", n)) for n in p.drift.tests]
+    checks += [("drift.effect_floor", lambda n=n: _kwargs("DRIFT_TESTS", n)) for n in p.drift.effect_floor]
     return checks
 
 

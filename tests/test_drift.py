@@ -351,3 +351,14 @@ def test_mmd_and_classifier_check_of_5000_against_50000_rows_takes_under_10_seco
     seconds = time.perf_counter() - start
     assert seconds <= 10, f"{seconds:.1f} s on {torch.get_num_threads()} threads"
     assert all(r.decision for r in results.values())
+
+
+def test_unknown_drift_test_names_are_config_errors():
+    from dataopt.config import validate
+    from dataopt.errors import ConfigError
+    from dataopt.plugins import check_methods
+
+    with pytest.raises(ConfigError, match=r"drift\.tests: unknown drift test method 'nope'; valid: .*mmd"):
+        check_methods(validate({"drift": {"tests": ["mmd", "nope"]}}))
+    with pytest.raises(ConfigError, match=r"drift\.effect_floor: unknown drift test method 'mdm'"):
+        check_methods(validate({"drift": {"effect_floor": {"mdm": 0.1}}}))
