@@ -41,9 +41,9 @@ class ContractError(RuntimeError):
 class Artifact:
     """One declared output. ``path`` is relative to ``artifacts/``; its first part is the producing stage.
 
-    ``kind``: parquet | npy | npz | json | dir | png. ``role``: ``out`` (versioned by DVC), ``metric`` (headline
-    numbers for ``dvc metrics`` / ``dvc exp show``, kept in git) or ``plot`` (an image ``dvc plots show``
-    renders; it lives inside a ``dir`` out of the same stage).
+    ``kind``: parquet | npy | npz | json | dir | png. ``role``: ``out`` (versioned by DVC), ``metric``
+    (headline numbers for ``dvc metrics`` / ``dvc exp show``, kept in git) or ``plot`` (an image
+    ``dvc plots show`` renders; it lives inside a ``dir`` out of the same stage).
     """
 
     path: str
@@ -95,7 +95,8 @@ _DECLARED = (
     _a("analyze/plots", "dir", "analysis plots"),
     _a("analyze/plots/loss_mixture.png", "png", "loss histogram with the fitted mixture", "plot"),
     _a("analyze/plots/class_issues.png", "png", "flagged share per class", "plot"),
-    _a("analyze/plots/projection.png", "png", "2-D projection of the embeddings, flagged rows marked", "plot"),
+    _a("analyze/plots/projection.png", "png", "2-D projection of the embeddings, flagged rows marked",
+       "plot"),
     _a("analyze/plots/transition_matrix.png", "png", "estimated label transition matrix", "plot"),
     _a("optimize/plan.parquet", "parquet", "train rows: keep, weight, sampling weight, augment "
        "magnitude, new label, reason"),

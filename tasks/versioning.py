@@ -20,7 +20,8 @@ from dataopt.errors import UserError
 
 
 def _describe(change: Any) -> str:
-    """``{'changed deps': {'params.yaml': {'seed': 'modified'}}}`` -> ``changed deps: params.yaml: seed modified``."""
+    """``{'changed deps': {'params.yaml': {'seed': 'modified'}}}`` ->
+    ``changed deps: params.yaml: seed modified``."""
     if isinstance(change, dict):
         return ", ".join(f"{k}: {_describe(v)}" if isinstance(v, dict) else f"{k} {v}"
                          for k, v in change.items())

@@ -1,7 +1,8 @@
 """The seven stages, in pipeline order. Each module exposes ``run(params, paths) -> dict``.
 
 What a stage reads and writes and which params sections it depends on is declared once in
-:mod:`dataopt.artifacts`; :func:`run_stage` enforces it while the stage runs, and writes two files per stage besides the stage's own outputs:
+:mod:`dataopt.artifacts`; :func:`run_stage` enforces it while the stage runs, and writes two files per
+stage besides the stage's own outputs:
 
 - ``<stage>/metrics.json``: the stage's ``HEADLINE`` metrics only (a handful of scalars), so that
   ``dvc exp show`` / ``dvc metrics show`` stay readable; the DVC metric of the stage.
