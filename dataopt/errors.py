@@ -17,3 +17,7 @@ class DataError(UserError):
 
 class MissingArtifactError(UserError):
     """A stage needs the output of an earlier stage that has not been produced."""
+
+
+class DivergedError(UserError):
+    """Training produced a non-finite loss or non-finite weights (a learning rate far too high)."""

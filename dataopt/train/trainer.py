@@ -256,6 +256,7 @@ def train_model(
         epochs=tp.epochs, batch_size=tp.batch_size, lr=tp.lr, momentum=tp.momentum,
         weight_decay=tp.weight_decay, label_smoothing=tp.label_smoothing, augment=tp.augment,
         translate=tp.translate, lookahead=tp.lookahead, seed=seed, progress=progress, desc="train",
+        lr_key="train.lr",
     )
     loss_fn, augment_fn, owns_magnitudes = plan_training(ts, tp)
     on_epoch = None
