@@ -139,3 +139,34 @@ def test_non_finite_weights_stop_after_the_epoch():
     with pytest.raises(DivergedError, match=r"^train diverged in epoch 1: the weights are not finite; "
                                             r"lower the learning rate \(0.01\)$"):
         loop.fit(m, x, y, cfg())
+
+
+def test_a_stop_request_ends_a_loop_running_in_a_worker_thread():
+    """Under `dataopt run` a stage trains in Prefect's worker thread, which a signal never reaches:
+    the command's stop request does, at the next step."""
+    import threading
+
+    from dataopt import interrupt
+
+    x, y = features(4000)
+    started, outcome = threading.Event(), []
+
+    def on_epoch(epoch, model):
+        started.set()
+
+    def train():
+        try:
+            loop.fit(Recorder(2, 2), x, y, cfg(epochs=10_000, batch_size=8), on_epoch=on_epoch)
+            outcome.append("finished")
+        except KeyboardInterrupt:
+            outcome.append("stopped")
+
+    worker = threading.Thread(target=train, daemon=True)
+    worker.start()
+    try:
+        assert started.wait(30)
+        interrupt.request_stop()
+        worker.join(5)
+    finally:
+        interrupt.clear()
+    assert not worker.is_alive() and outcome == ["stopped"]

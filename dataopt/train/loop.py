@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dataopt import interrupt
 from dataopt.errors import ConfigError, DivergedError
 from dataopt.image_kernels import crop_pad, normalise, random_crop_flip, standardise
 
@@ -191,6 +192,7 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         n_steps = max(1, math.ceil(len(order) / cfg.batch_size))
         for s in range(n_steps):
+            interrupt.check()  # Ctrl-C / SIGTERM reach a loop in a worker thread only through this
             idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
             xb = x[idx]
             if augment_fn is not None:
