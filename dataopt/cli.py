@@ -294,16 +294,36 @@ def _on_signal(signum: int, frame: Any) -> None:
     raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
+def _watch_signals() -> tuple[int, int]:
+    """Request a stop on SIGINT / SIGTERM even while another handler owns the signal (Prefect's flow
+    engine swaps in its own SIGTERM handler, then waits for the running task): Python writes every
+    signal's number to the wakeup fd, whichever handler runs. Returns (previous wakeup fd, our fd):
+    restore the one, close the other (the watcher then ends)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while data := os.read(read_fd, 64):
+            if signal.SIGINT in data or signal.SIGTERM in data:
+                interrupt.request_stop()
+        os.close(read_fd)
+
+    threading.Thread(target=watch, name="dataopt-signals", daemon=True).start()
+    return previous, write_fd
+
+
 @contextlib.contextmanager
 def _signals_and_warnings():
     """SIGINT / SIGTERM -> the exceptions :func:`main` turns into exit codes 130 / 143; a DataWarning
     -> one line ``dataopt: warning: ...``. A signal someone set to be ignored stays ignored."""
     interrupt.clear()
-    installed = {}
+    installed, wakeup = {}, None
     if threading.current_thread() is threading.main_thread():
         for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
             if signal.getsignal(sig) is default:
                 installed[sig] = signal.signal(sig, _on_signal)
+        wakeup = _watch_signals()
     show = warnings.showwarning
 
     def show_data_warning(message, category, filename, lineno, file=None, line=None):
@@ -319,6 +339,9 @@ def _signals_and_warnings():
     finally:
         for sig, previous in installed.items():
             signal.signal(sig, previous)
+        if wakeup is not None:
+            signal.set_wakeup_fd(wakeup[0])
+            os.close(wakeup[1])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -16,6 +16,10 @@ def request_stop() -> None:
     _stop.set()
 
 
+def requested() -> bool:
+    return _stop.is_set()
+
+
 def clear() -> None:
     """Forget an earlier request (a new command in the same process)."""
     _stop.clear()

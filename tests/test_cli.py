@@ -224,3 +224,23 @@ def test_data_warnings_are_one_line(capsys):
     with cli._signals_and_warnings():
         warnings.warn("optimize: the plan keeps 1 sample(s) for 10 classes", DataWarning)
     assert capsys.readouterr().err == "dataopt: warning: optimize: the plan keeps 1 sample(s) for 10 classes\n"
+
+
+def test_a_signal_another_handler_owns_still_stops_worker_threads():
+    """Prefect's flow engine swaps in its own SIGTERM handler and then waits for the running task;
+    the command still sees the signal (wakeup fd) and asks the training loop to stop."""
+    from dataopt import interrupt
+
+    seen = []
+    with cli._signals_and_warnings():
+        previous = signal.signal(signal.SIGTERM, lambda *a: seen.append("other handler"))
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while not interrupt.requested() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    assert seen == ["other handler"] and interrupt.requested()
+    interrupt.clear()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handlers are gone after it
