@@ -7,8 +7,8 @@ dataopt.cli`` (and ``dataopt stage``) stays as light as the library; so are the 
 from __future__ import annotations
 
 import argparse
-import logging
 import contextlib
+import logging
 import os
 import signal
 import sys
