@@ -7,16 +7,20 @@ dataopt.cli`` (and ``dataopt stage``) stays as light as the library; so are the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from dataopt import stages
+from dataopt import interrupt, stages
 from dataopt.config import load_params
-from dataopt.errors import UserError
+from dataopt.errors import DataWarning, UserError
 from dataopt.artifacts import dvc_yaml
 from dataopt.io import atomic_path
 from dataopt.lock import WorkspaceLock, describe
@@ -304,15 +308,83 @@ def _one_line(msg: str) -> str:
     return " ".join(lines) if len(lines) <= 2 else "\n  ".join(lines)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every cleanup that handles one handles the other."""
+
+    exit_code = 143
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    interrupt.request_stop()  # worker threads (a stage under Prefect) stop at their next step
+    raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _watch_signals() -> tuple[int, int]:
+    """Request a stop on SIGINT / SIGTERM even while another handler owns the signal (Prefect's flow
+    engine swaps in its own SIGTERM handler, then waits for the running task): Python writes every
+    signal's number to the wakeup fd, whichever handler runs. Returns (previous wakeup fd, our fd):
+    restore the one, close the other (the watcher then ends)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while data := os.read(read_fd, 64):
+            if signal.SIGINT in data or signal.SIGTERM in data:
+                interrupt.request_stop()
+        os.close(read_fd)
+
+    threading.Thread(target=watch, name="dataopt-signals", daemon=True).start()
+    return previous, write_fd
+
+
+@contextlib.contextmanager
+def _signals_and_warnings():
+    """SIGINT / SIGTERM -> the exceptions :func:`main` turns into exit codes 130 / 143; a DataWarning
+    -> one line ``dataopt: warning: ...``. A signal someone set to be ignored stays ignored."""
+    interrupt.clear()
+    installed, wakeup = {}, None
+    if threading.current_thread() is threading.main_thread():
+        for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(sig) is default:
+                installed[sig] = signal.signal(sig, _on_signal)
+        wakeup = _watch_signals()
+    show = warnings.showwarning
+
+    def show_data_warning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DataWarning):
+            print(f"dataopt: warning: {_one_line(str(message))}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show_data_warning
+            yield
+    finally:
+        for sig, previous in installed.items():
+            signal.signal(sig, previous)
+        if wakeup is not None:
+            signal.set_wakeup_fd(wakeup[0])
+            os.close(wakeup[1])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``dataopt`` command. Returns the exit code (2 for a user error)."""
+    """Entry point of the ``dataopt`` command. Returns the exit code: 2 for a user error, 130 after
+    Ctrl-C, 143 after SIGTERM."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with _signals_and_warnings():
+            return int(args.func(args) or 0)
     except UserError as err:
         print(f"dataopt: error: {_one_line(str(err))}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
+    except KeyboardInterrupt as exc:
+        interrupt.request_stop()
+        code = getattr(exc, "exit_code", 130)
+        print(f"dataopt: {'terminated' if code == 143 else 'interrupted'}", file=sys.stderr, flush=True)
+        return code
 
 
 if __name__ == "__main__":

@@ -380,19 +380,54 @@ def validate(raw: dict[str, Any]) -> Params:
         raise ConfigError(_format(err)) from None
 
 
+# bounds on what a user hands the YAML parser: a params file, one --set value
+MAX_PARAMS_BYTES = 1_000_000
+MAX_OVERRIDE_BYTES = 10_000
+
+
+class _AliasFound(Exception):
+    def __init__(self, line: int):
+        self.line = line
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses anchors and aliases: an alias repeats a node without copying it,
+    so a few hundred bytes (billion laughs) expand to gigabytes once validated, dumped or copied."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _AliasFound(event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+def _safe_yaml(text: str, where: str) -> Any:
+    """``text`` parsed without anchors or aliases; any failure is one ConfigError naming ``where``."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _AliasFound as exc:
+        raise ConfigError(f"{where}: YAML anchors and aliases (&name, *name) are not allowed "
+                          f"(line {exc.line}); write the value out") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({exc})") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"train.epochs=3"`` -> ``(["train", "epochs"], 3)`` (value parsed as YAML)."""
+    """``"train.epochs=3"`` -> ``(["train", "epochs"], 3)`` (value parsed as YAML, no aliases, <= 10 kB)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
+        raise ConfigError(f"override {text[:200]!r} must look like section.key=value")
     key, value = text.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
-        raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
-    return parts, parsed
+        raise ConfigError(f"override {text[:200]!r} has an empty key")
+    where = f"override {'.'.join(parts)}"
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_OVERRIDE_BYTES:
+        raise ConfigError(f"{where}: value is {size} bytes; a --set value may hold at most "
+                          f"{MAX_OVERRIDE_BYTES} (put large values in params.yaml)")
+    return parts, _safe_yaml(value, where)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -410,14 +445,22 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A params file (at most 1 MB, no anchors or aliases) as a dict. Raises ConfigError."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    return raw
+        with open(path, "rb") as f:  # a bounded read: the path may be a pipe or a device
+            data = f.read(MAX_PARAMS_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > MAX_PARAMS_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_PARAMS_BYTES} bytes; a params file is a few kB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    return _safe_yaml(text, str(path)) or {}
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:

@@ -17,3 +17,12 @@ class DataError(UserError):
 
 class MissingArtifactError(UserError):
     """A stage needs the output of an earlier stage that has not been produced."""
+
+
+class DivergedError(UserError):
+    """Training produced a non-finite loss or non-finite weights (a learning rate far too high)."""
+
+
+class DataWarning(UserWarning):
+    """A run that works but probably not as meant (e.g. a plan that keeps no sample of some class);
+    the ``dataopt`` command prints it as one line ``dataopt: warning: ...``."""

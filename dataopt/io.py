@@ -5,6 +5,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -93,9 +94,30 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN / infinite float (Python or numpy, in dicts, lists, arrays) replaced by None.
+
+    A bare ``NaN`` or ``Infinity`` is not JSON (RFC 8259; e.g. JavaScript's JSON.parse refuses it), so a
+    value that is not a number is written as ``null``: "no value", as for an empty bin or a class without
+    test samples."""
+    if isinstance(obj, float):  # np.float64 included
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return finite_json(obj.tolist())
+    if isinstance(obj, np.generic):
+        return finite_json(obj.item())
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically; non-finite floats become ``null`` (:func:`finite_json`)."""
+    text = json.dumps(finite_json(obj), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+        tmp.write_text(text + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -2,8 +2,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,79 @@ def test_ui_serves_the_project_store_on_localhost(project, monkeypatch, capsys):
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("--port") + 1] == "5099"
     assert "http://127.0.0.1:5099" in capsys.readouterr().out
+
+
+def _stderr_lines(text: str) -> list[str]:
+    """stderr without the progress bar (tqdm redraws its line with carriage returns)."""
+    parts = text.replace("\r", "\n").splitlines()
+    return [ln for ln in parts if ln.strip() and not ln.startswith("train")]
+
+
+@pytest.mark.slow  # two subprocesses that import torch: ~14 s each on 2 busy cores
+@pytest.mark.parametrize("sig, code, line", [(signal.SIGINT, 130, "dataopt: interrupted"),
+                                             (signal.SIGTERM, 143, "dataopt: terminated")])
+def test_a_signal_during_training_stops_at_once_with_one_line(tmp_path, sig, code, line):
+    """Ctrl-C used to print a 37-line traceback (exit 1), SIGTERM to die without a word."""
+    from conftest import identity_plan, write_digits_ingested
+    import pandas as pd
+
+    from dataopt.io import write_parquet
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    paths = write_digits_ingested(tmp_path, n=300)
+    samples = pd.read_parquet(paths.stage("ingest") / "samples.parquet")
+    write_parquet(paths.stage("optimize") / "plan.parquet", identity_plan(samples))
+    err_file = tmp_path / "stderr.txt"
+    with open(err_file, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dataopt.cli", "stage", "train", "--project", str(tmp_path),
+             "--set", "train.epochs=1000", "--set", "train.width=8", "--set", "train.device=cpu"],
+            stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            deadline = time.monotonic() + 120
+            while "train:" not in err_file.read_text() and time.monotonic() < deadline:
+                assert proc.poll() is None, err_file.read_text()
+                time.sleep(0.1)
+            time.sleep(0.5)  # inside the training loop
+            t0 = time.monotonic()
+            proc.send_signal(sig)
+            assert proc.wait(timeout=30) == code
+            assert time.monotonic() - t0 < 5
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = err_file.read_text()
+    assert "Traceback" not in text
+    lines = _stderr_lines(text)
+    assert lines[-1] == line and len(lines) <= 3, text
+    assert not (paths.artifacts / "train" / "model").exists()  # nothing half-written
+
+
+def test_data_warnings_are_one_line(capsys):
+    import warnings
+
+    from dataopt.errors import DataWarning
+
+    with cli._signals_and_warnings():
+        warnings.warn("optimize: the plan keeps 1 sample(s) for 10 classes", DataWarning)
+    assert capsys.readouterr().err == "dataopt: warning: optimize: the plan keeps 1 sample(s) for 10 classes\n"
+
+
+def test_a_signal_another_handler_owns_still_stops_worker_threads():
+    """Prefect's flow engine swaps in its own SIGTERM handler and then waits for the running task;
+    the command still sees the signal (wakeup fd) and asks the training loop to stop."""
+    from dataopt import interrupt
+
+    seen = []
+    with cli._signals_and_warnings():
+        previous = signal.signal(signal.SIGTERM, lambda *a: seen.append("other handler"))
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while not interrupt.requested() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    assert seen == ["other handler"] and interrupt.requested()
+    interrupt.clear()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handlers are gone after it

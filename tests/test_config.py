@@ -1,4 +1,5 @@
 """params.yaml validation and --set overrides (dataopt.config)."""
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,46 @@ def test_flat_covers_every_leaf():
     assert flat["train.epochs"] == Params().train.epochs
     assert flat["ingest.noise.kind"] == "none"
     assert "tracking.experiment" in flat and "orchestration.cache" in flat
+
+
+BILLION_LAUGHS = ("[&a [x, x, x, x, x, x, x, x, x], &b [*a, *a, *a, *a, *a, *a, *a, *a, *a], "
+                  "&c [*b, *b, *b, *b, *b, *b, *b, *b, *b], &d [*c, *c, *c, *c, *c, *c, *c, *c, *c], "
+                  "&e [*d, *d, *d, *d, *d, *d, *d, *d, *d], &f [*e, *e, *e, *e, *e, *e, *e, *e, *e], "
+                  "&g [*f, *f, *f, *f, *f, *f, *f, *f, *f], &h [*g, *g, *g, *g, *g, *g, *g, *g, *g], "
+                  "&i [*h, *h, *h, *h, *h, *h, *h, *h, *h]]")
+
+
+def test_override_refuses_yaml_aliases_at_once():
+    """A billion-laughs --set value is one ConfigError naming the key, before anything expands."""
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as exc:
+        load_params(ROOT / "params.yaml", [f"optimize.kwargs.score={BILLION_LAUGHS}"])
+    assert time.perf_counter() - t0 < 0.5
+    msg = str(exc.value)
+    assert "\n" not in msg and "optimize.kwargs.score" in msg and "aliases" in msg
+    assert len(msg) < 200  # the value is not echoed
+    with pytest.raises(ConfigError, match="anchors"):
+        parse_override("train.epochs=&a 3")
+
+
+def test_params_file_refuses_aliases_and_oversize(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(f"seed: 0\noptimize:\n  kwargs:\n    score: {BILLION_LAUGHS}\n")
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as exc:
+        load_params(bomb)
+    assert time.perf_counter() - t0 < 0.5
+    assert "\n" not in str(exc.value) and str(bomb) in str(exc.value) and "line 4" in str(exc.value)
+    big = tmp_path / "big.yaml"
+    big.write_text("seed: 0\n" + "# padding\n" * 110_000)
+    with pytest.raises(ConfigError, match="larger than 1000000 bytes"):
+        read_yaml(big)
+
+
+def test_override_value_size_and_depth_are_bounded():
+    with pytest.raises(ConfigError, match="at most 10000") as exc:
+        parse_override("optimize.kwargs.score=" + "x" * 10_001)
+    assert "\n" not in str(exc.value) and len(str(exc.value)) < 200
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        parse_override("optimize.kwargs.score=" + "[" * 5000 + "]" * 5000)
+    assert parse_override("optimize.kwargs.score=" + "x" * 9_000)[1] == "x" * 9_000

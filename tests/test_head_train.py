@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from dataopt.config import Params
-from dataopt.errors import ConfigError, DataError
+from dataopt.errors import ConfigError, DataError, DivergedError
 from dataopt.train import loop
 from dataopt.train.checkpoint import load_model, save_model
 from dataopt.train.head import train_head
@@ -183,3 +183,10 @@ def test_smote_with_a_selector_fitted_on_the_kept_rows_is_refused(digits):
 
     with pytest.raises(ConfigError, match="smote adds .* rows .* selector"):
         train_head(x, train_set(y, rows, augment=aug), tp(), 0, CPU, progress=False, selector=FittedOnKept())
+
+
+def test_divergence_stops_the_head_with_one_message(digits):
+    x, y, tr, _ = digits
+    with pytest.raises(DivergedError, match=r"^train head diverged at epoch 1, step \d+: loss is (nan|inf); "
+                                            r"lower train\.lr \(1e\+30\)$"):
+        train_head(x, train_set(y, tr), tp(lr=1e30), 0, CPU, progress=False)

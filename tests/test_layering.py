@@ -2,7 +2,7 @@
 
 The layers, bottom up (a module may import from its own layer or below, never above):
 
-    leaves        errors; registry (imports only errors); image_kernels (torch only)
+    leaves        errors; registry (imports only errors); image_kernels (torch only); interrupt
     schema layer  config, paths, io, schema, artifacts: only leaves and each other (no torch)
     families      ingest, embed, perceive, analyze, drift, optimize, train, evaluate
     plugins       imports every family: fills the registries, checks method names in Params
@@ -27,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dataopt"
 
-LEAVES = ("dataopt.errors", "dataopt.registry", "dataopt.image_kernels")
+LEAVES = ("dataopt.errors", "dataopt.registry", "dataopt.image_kernels", "dataopt.interrupt")
 SCHEMA_LAYER = ("dataopt.config", "dataopt.paths", "dataopt.io", "dataopt.schema", "dataopt.artifacts",
                 "dataopt.lock")
 FAMILIES = ("dataopt.ingest", "dataopt.embed", "dataopt.perceive", "dataopt.analyze", "dataopt.drift",
@@ -40,6 +40,7 @@ RULES = [
     ("leaf",         ("dataopt.errors",),        (),                     ()),
     ("leaf",         ("dataopt.registry",),      ("dataopt.errors",),    ()),
     ("leaf",         ("dataopt.image_kernels",), (),                     ()),
+    ("leaf",         ("dataopt.interrupt",),     (),                     ()),
     ("schema layer", SCHEMA_LAYER,               LEAVES + SCHEMA_LAYER,  ()),
     ("family",       FAMILIES,                   None,                   ("dataopt.plugins", "dataopt.stages",
                                                                           "dataopt.cli")),

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dataopt import image_kernels
+from dataopt.errors import DivergedError
 from dataopt.train import loop
 
 
@@ -112,3 +113,60 @@ def test_default_path_draws_the_same_random_stream_as_before():
     expected = image_kernels.random_crop_flip(x[perm].float(), 1, True, gen)
     expected = ((expected / 255.0) - image_kernels.MEAN) / image_kernels.STD
     assert torch.equal(m.batches[0], expected)
+
+
+def test_non_finite_loss_stops_at_that_step_with_one_message():
+    """The step that first gives a NaN loss ends training before its update; the message names the
+    step and the learning-rate parameter to lower."""
+    x, y = features()
+    m = Recorder(2, 2)
+    x[25, 1] = float("nan")  # the sample at position 25 of the first epoch's order poisons its batch
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    step = int((order == 25).nonzero()) // 16 + 1
+    before = m.fc.weight.detach().clone()
+    with pytest.raises(DivergedError) as exc:
+        loop.fit(m, x, y, cfg(desc="proxy", lr_key="embed.kwargs.lr", lr=0.5))
+    assert str(exc.value) == (f"proxy diverged at epoch 1, step {step}: loss is nan; "
+                              "lower embed.kwargs.lr (0.5)")
+    assert len(m.batches) == step and torch.isfinite(m.fc.weight).all()
+    assert step > 1 or torch.equal(m.fc.weight, before)
+
+
+def test_non_finite_weights_stop_after_the_epoch():
+    x, y = features()
+    m = Recorder(2, 2)
+    m.register_buffer("stat", torch.tensor([float("inf")]))  # e.g. a batch-norm statistic gone bad
+    with pytest.raises(DivergedError, match=r"^train diverged in epoch 1: the weights are not finite; "
+                                            r"lower the learning rate \(0.01\)$"):
+        loop.fit(m, x, y, cfg())
+
+
+def test_a_stop_request_ends_a_loop_running_in_a_worker_thread():
+    """Under `dataopt run` a stage trains in Prefect's worker thread, which a signal never reaches:
+    the command's stop request does, at the next step."""
+    import threading
+
+    from dataopt import interrupt
+
+    x, y = features(4000)
+    started, outcome = threading.Event(), []
+
+    def on_epoch(epoch, model):
+        started.set()
+
+    def train():
+        try:
+            loop.fit(Recorder(2, 2), x, y, cfg(epochs=10_000, batch_size=8), on_epoch=on_epoch)
+            outcome.append("finished")
+        except KeyboardInterrupt:
+            outcome.append("stopped")
+
+    worker = threading.Thread(target=train, daemon=True)
+    worker.start()
+    try:
+        assert started.wait(30)
+        interrupt.request_stop()
+        worker.join(5)
+    finally:
+        interrupt.clear()
+    assert not worker.is_alive() and outcome == ["stopped"]

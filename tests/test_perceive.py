@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dataopt.config import validate
-from dataopt.errors import ConfigError, DataError, MissingArtifactError
+from dataopt.errors import ConfigError, DataError, DivergedError, MissingArtifactError
 from dataopt.io import read_json
 from dataopt.paths import Paths
 from dataopt.perceive.dynamics import Dynamics, OOFDynamics
@@ -312,3 +312,13 @@ def test_out_of_fold_signals_are_declared_by_the_signals():
             "semantic_consistency"} <= set(oof)
     assert not {"knn_density", "class_center_distance", "knn_label_agreement"} & set(oof)
     assert "semantic_consistency" not in out_of_fold_signals(names, text=True)  # then a text cosine
+
+
+def test_divergent_proxy_stops_with_one_message():
+    """An OOF proxy run that diverges stops at once and names perceive.lr (no NaN dynamics written)."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    x = rng.normal(size=(60, 5)).astype(np.float32) + y[:, None]
+    with pytest.raises(DivergedError, match=r"^perceive fold 1/3 diverged at epoch \d+, step \d+: loss is "
+                                            r"(nan|inf); lower perceive\.lr \(1e\+30\)$"):
+        OOFDynamics(folds=3, epochs=5, batch_size=16, lr=1e30, device="cpu").fit(x, y, 3)

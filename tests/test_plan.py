@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from dataopt.config import Params, TrainParams, load_params, validate
 from dataopt import image_kernels
-from dataopt.errors import ConfigError
+from dataopt.errors import ConfigError, DataWarning
 from dataopt.io import read_json, write_json, write_parquet
 from dataopt.plugins import check_methods
 from dataopt.registry import AUGMENTERS, PERTURBERS, RESAMPLERS
@@ -293,3 +293,31 @@ def test_simple_form_lets_a_threshold_selector_use_its_threshold(project):
     p_clean = pd.read_parquet(project.artifacts / "analyze" / "analysis.parquet")["p_clean"]
     np.testing.assert_array_equal(plan["keep"], p_clean >= 0.5)
     assert 0 < plan["keep"].sum() < len(plan)
+
+
+# ---------------------------------------------------------------- warnings
+
+def test_a_plan_keeping_fewer_samples_than_classes_warns_and_records_it(project):
+    """4 classes, n_keep 1: the run goes on, but plan.json and the user are told."""
+    steps = [{"family": "prune", "method": "random", "n_keep": 1}]
+    with pytest.warns(DataWarning, match=r"^optimize: the plan keeps 1 sample\(s\) for 4 classes: 3 classes "
+                                         r"get no training sample \(the train stage needs two classes\)"):
+        metrics = run_stage("optimize", steps_params(steps), project)
+    _, summary = read_plan(project)
+    assert len(summary["warnings"]) == 1 and "keeps 1 sample(s) for 4 classes" in summary["warnings"][0]
+    assert metrics["n_warnings"] == 1
+
+
+def test_a_plan_dropping_a_whole_class_warns_and_a_full_plan_does_not(project):
+    labels = _inputs(project)[2]
+    import warnings
+
+    from dataopt.optimize.plan import plan_warnings
+
+    keep = labels != 2
+    assert plan_warnings(keep, labels, labels) == [
+        "the plan keeps no sample of 1 of 4 classes (label 2); the model cannot learn them"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        run_stage("optimize", steps_params(CHAIN[1:2]), project)  # ratio 0.5 keeps every class
+    assert read_plan(project)[1]["warnings"] == []

@@ -3,6 +3,8 @@ safetensors round trip and readable errors."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,7 +16,7 @@ from sklearn.model_selection import train_test_split
 
 from dataopt import image_kernels
 from dataopt.config import Params
-from dataopt.errors import DataError, MissingArtifactError, UserError
+from dataopt.errors import DataError, DataWarning, DivergedError, MissingArtifactError, UserError
 from dataopt.io import save_npy, write_parquet
 from dataopt.paths import Paths
 from dataopt.schema import PLAN_COLUMNS, SAMPLES_COLUMNS
@@ -331,3 +333,52 @@ def test_trains_on_gpu_and_loads_anywhere(tmp_path, digits):
     model, _ = load_model(paths.artifacts / "train" / "model", "cuda")
     x = loop.images_to_tensor(digits[0][:32], torch.device("cuda"))
     assert loop.predict_logits(model, x).shape == (32, 10)
+
+
+def test_divergence_is_one_message_exit_2_and_writes_nothing(tmp_path, digits, capsys):
+    """lr=1e30 used to finish with NaN weights and accuracy 0.10; now training stops at the first
+    non-finite loss, the command prints one line and exits 2, and no model or history is written."""
+    import shutil
+
+    from dataopt import cli
+
+    paths = write_project(tmp_path, digits)
+    write_plan(paths)
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", tmp_path / "params.yaml")
+    code = cli.main(["stage", "train", "--project", str(tmp_path), "--set", "train.lr=1e30",
+                     "--set", f"train.epochs={EPOCHS}", "--set", f"train.width={WIDTH}",
+                     "--set", "train.device=cpu"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("dataopt")]  # not the progress bar
+    assert code == 2 and "Traceback" not in err
+    assert len(lines) == 1 and re.fullmatch(r"dataopt: error: train diverged at epoch 1, step \d: loss is "
+                                            r"(nan|inf); lower train\.lr \(1e\+30\)", lines[0]), err
+    assert not (paths.artifacts / "train" / "model").exists()
+    assert not (paths.artifacts / "train" / "history.json").exists()
+    with pytest.raises(DivergedError):
+        train_stage.run(params(lr=1e30), paths)
+
+
+def test_a_plan_with_one_class_stops_before_training(tmp_path, digits):
+    paths = write_project(tmp_path, digits)
+    y = train_labels(paths)
+    write_plan(paths, keep=y == 3)
+    with pytest.raises(DataError, match=r"^train needs at least two classes; the plan keeps only class 3 "
+                                        r"\(digit_3\) \(.*plan\.parquet\)$"):
+        train_stage.run(params(), paths)
+    write_plan(paths, new_label=np.full(len(y), 3))  # every row relabelled to one class
+    with pytest.raises(DataError, match="only class 3"):
+        train_stage.run(params(), paths)
+    assert not (paths.artifacts / "train" / "model").exists()
+
+
+def test_a_dynamic_budget_below_one_sample_per_class_warns(tmp_path, digits):
+    paths = write_project(tmp_path, digits)
+    y = train_labels(paths)
+    write_plan(paths, keep=np.isin(np.arange(len(y)), np.flatnonzero(y == 0)[:10])
+               | np.isin(np.arange(len(y)), np.flatnonzero(y == 1)[:10]))
+    tp = params(epochs=2).train
+    tp = tp.model_copy(update={"dynamic": tp.dynamic.model_copy(update={"method": "random", "budget": 0.05})})
+    with pytest.warns(DataWarning, match=r"^train: train.dynamic.budget=0.05 trains some epochs on 1 "
+                                         r"sample\(s\) for 2 classes; raise the budget$"):
+        train_stage.run(Params().model_copy(update={"train": tp}), paths)

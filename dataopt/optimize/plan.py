@@ -18,6 +18,7 @@ with numpy string ops; a step speaks only for the rows that were still kept when
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -27,7 +28,7 @@ import pyarrow as pa
 from dataopt import registry
 from dataopt.analyze.base import LazyInputs, arrow_table, fmt, join
 from dataopt.config import OPTIMIZE_FAMILIES, OptimizeStep
-from dataopt.errors import ConfigError, DataError
+from dataopt.errors import ConfigError, DataError, DataWarning
 from dataopt.optimize.augment.batch import slot
 from dataopt.schema import PLAN_COLUMNS
 
@@ -215,6 +216,27 @@ def stats(values: np.ndarray) -> dict[str, float]:
             "std": float(values.std())}
 
 
+def _classes(values: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(map(str, values[:limit].tolist()))
+    return shown + (f", ... ({values.size} in all)" if values.size > limit else "")
+
+
+def plan_warnings(keep: np.ndarray, labels: np.ndarray, new_label: np.ndarray) -> list[str]:
+    """What a plan does that a run probably did not mean: keep fewer samples than there are classes,
+    or no sample of some class (that class is never trained on)."""
+    classes = np.unique(labels)
+    missing = np.setdiff1d(classes, np.unique(new_label[keep]))
+    n_kept = int(keep.sum())
+    if not missing.size:
+        return []
+    stop = " (the train stage needs two classes)" if classes.size - missing.size < 2 else ""
+    if n_kept < classes.size:
+        return [f"the plan keeps {n_kept} sample(s) for {classes.size} classes: {missing.size} classes "
+                f"get no training sample{stop}; raise optimize.ratio (or the prune step's ratio / n_keep)"]
+    return [f"the plan keeps no sample of {missing.size} of {classes.size} classes (label "
+            f"{_classes(missing)}); the model cannot learn them{stop}"]
+
+
 @dataclass
 class PlanResult:
     """What :func:`optimize` decided: ``table`` (plan.parquet, ``PLAN_COLUMNS``), ``summary``
@@ -255,6 +277,9 @@ def optimize(cfg: Any, inputs: LazyInputs, sample_id: np.ndarray, labels: np.nda
     n_kept = int(keep.sum())
     n_relabelled = int((keep & (plan.new_label != labels)).sum())
     weight = stats(plan.weight[keep])
+    notes = plan_warnings(keep, labels, plan.new_label)
+    for note in notes:
+        warnings.warn(f"optimize: {note}", DataWarning, stacklevel=2)
     summary: dict[str, Any] = {}
     if simple:  # the backbone's keys, kept for the simple form
         summary.update({"method": cfg.method, "kwargs": plan.steps[0]["params"], "ratio": cfg.ratio,
@@ -272,6 +297,7 @@ def optimize(cfg: Any, inputs: LazyInputs, sample_id: np.ndarray, labels: np.nda
         "augment": plan.augment,
         "steps": plan.steps,
         "inputs": inputs.loaded(),
+        "warnings": notes,
     })
     policies = [v["policy"] for v in plan.augment.values()]
     metrics = {
@@ -285,6 +311,7 @@ def optimize(cfg: Any, inputs: LazyInputs, sample_id: np.ndarray, labels: np.nda
         "steps": " -> ".join(f"{s['family']}:{s['method']}" for s in plan.steps),
         "augment_policy": "+".join(policies) or "none",
         "train_directives": ",".join(sorted(plan.train)) or "none",
+        "n_warnings": len(notes),
         **step_metrics(plan.steps),
     }
     return PlanResult(table=table, summary=summary, metrics=metrics, plan=plan)

@@ -330,7 +330,7 @@ class OOFDynamics:
                             weight_decay=float(self.weight_decay), seed=seed,
                             label_smoothing=float(self.label_smoothing), augment=self.augment,
                             max_seconds=self.max_seconds, progress=False,
-                            desc=f"perceive fold {f + 1}/{self.folds}")
+                            desc=f"perceive fold {f + 1}/{self.folds}", lr_key="perceive.lr")
             history = fit(model, x_tr, y[tr_t], cfg, on_epoch=on_epoch)
             self.history_.append(history)
             epochs_done.append(len(history))

@@ -144,7 +144,7 @@ def train_head(
     cfg = loop.FitConfig(
         epochs=tp.epochs, batch_size=tp.batch_size, lr=tp.lr, momentum=tp.momentum,
         weight_decay=tp.weight_decay, label_smoothing=tp.label_smoothing, augment="none",
-        seed=seed, progress=progress, desc="train head",
+        seed=seed, progress=progress, desc="train head", lr_key="train.lr",
     )
     history = loop.fit(
         model, torch.from_numpy(x).to(device), torch.from_numpy(labels).to(device), cfg,

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dataopt.errors import ConfigError
+from dataopt import interrupt
+from dataopt.errors import ConfigError, DivergedError
 from dataopt.image_kernels import crop_pad, normalise, random_crop_flip, standardise
 
 def resolve_device(device: str = "auto", key: str = "train.device") -> torch.device:
@@ -60,6 +61,7 @@ class FitConfig:
     max_seconds: Optional[float] = None  # stop after the epoch that crosses this budget
     progress: bool = True
     desc: str = "train"
+    lr_key: str = "the learning rate"  # the param a divergence message asks to lower, e.g. "train.lr"
     history: list = field(default_factory=list)
 
 
@@ -122,6 +124,12 @@ def fit(
     Returns
     -------
     history : one dict per epoch: epoch, loss, samples_seen, steps, seconds, lr.
+
+    Raises
+    ------
+    DivergedError
+        A batch loss or, after an epoch, a weight is NaN or infinite. On the CPU the loss is checked
+        after every step; on a GPU once per epoch (a per-step check would wait for the device).
     """
     device = x.device
     n = len(x)
@@ -157,6 +165,7 @@ def fit(
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
     )
     use_amp = device.type == "cuda"
+    check_steps = device.type != "cuda"  # reading a loss on the CPU costs nothing; on a GPU it syncs
     ema = _Lookahead(model, total) if cfg.lookahead else None
     history = cfg.history
     last_loss = torch.full((n,), float("nan"), device=device)
@@ -183,6 +192,7 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         n_steps = max(1, math.ceil(len(order) / cfg.batch_size))
         for s in range(n_steps):
+            interrupt.check()  # Ctrl-C / SIGTERM reach a loop in a worker thread only through this
             idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
             xb = x[idx]
             if augment_fn is not None:
@@ -214,6 +224,8 @@ def fit(
             else:
                 loss = loss_fn(logits.float(), y[idx], wb, epoch + 1, idx)
                 last_loss[idx] = F.cross_entropy(logits.detach().float(), y[idx], reduction="none")
+            if check_steps and not math.isfinite(loss_value := float(loss.detach())):
+                _diverged(cfg, f"at epoch {epoch + 1}, step {s + 1}: loss is {loss_value}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -223,9 +235,12 @@ def fit(
             loss_sum += loss.detach() * len(idx)
             seen += len(idx)
         steps_done += n_steps
+        if not math.isfinite(epoch_loss := float(loss_sum)):
+            _diverged(cfg, f"in epoch {epoch + 1}: loss is {epoch_loss}")
+        _check_weights(model, cfg, f"in epoch {epoch + 1}")
         row = {
             "epoch": epoch + 1,
-            "loss": float(loss_sum) / max(1, len(order)),
+            "loss": epoch_loss / max(1, len(order)),
             "samples_seen": seen,
             "steps": steps_done,
             "seconds": round(time.perf_counter() - t0, 3),
@@ -243,8 +258,22 @@ def fit(
             break
     if ema is not None:
         ema.finish(model)
+        _check_weights(model, cfg, "in the lookahead average")
     model.eval()
     return history
+
+
+def _diverged(cfg: FitConfig, where: str) -> None:
+    raise DivergedError(f"{cfg.desc} diverged {where}; lower {cfg.lr_key} ({cfg.lr:g})")
+
+
+@torch.no_grad()
+def _check_weights(model: nn.Module, cfg: FitConfig, where: str) -> None:
+    """Raise :class:`DivergedError` when a parameter or buffer (e.g. batch-norm statistics) of
+    ``model`` is not finite."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        _diverged(cfg, f"{where}: the weights are not finite")
 
 
 class _Lookahead:

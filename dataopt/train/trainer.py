@@ -14,6 +14,7 @@ on top of ``train.augment`` (see :func:`dataopt.train.loop.fit`). Dynamic, per-e
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from dataopt import image_kernels
-from dataopt.errors import ConfigError, DataError
+from dataopt.errors import ConfigError, DataError, DataWarning
 from dataopt.optimize.augment.batch import BatchAugmenter, default_loss
 from dataopt.registry import DYNAMIC_SELECTORS
 from dataopt.schema import PLAN_COLUMNS, TRAIN
@@ -139,6 +140,13 @@ def train_set_from_plan(samples: pd.DataFrame, plan: pd.DataFrame, plan_path: Pa
         raise DataError(f"{plan_path}: sampling_weight must be finite, >= 0 and not all 0 on kept rows")
     if not _finite_in(mag, 0.0, 1.0):
         raise DataError(f"{plan_path}: augment_magnitude must lie in [0, 1]")
+    names = class_names(samples, int(labels.max()) + 1)
+    present = np.unique(labels)
+    if present.size < 2:
+        lab = int(present[0])
+        named = f" ({names[lab]})" if names[lab] != str(lab) else ""
+        raise DataError(f"train needs at least two classes; the plan keeps only class {lab}{named} "
+                        f"({plan_path})")
     return TrainSet(
         rows=train_pos[keep],
         labels=labels,
@@ -146,7 +154,7 @@ def train_set_from_plan(samples: pd.DataFrame, plan: pd.DataFrame, plan_path: Pa
         sampling_weights=None if (draw == 1).all() else draw,
         augment_magnitudes=None if (mag == 0).all() else mag,
         n_total=len(train_pos),
-        class_names=class_names(samples, int(labels.max()) + 1),
+        class_names=names,
         train_directives=dict((plan_json or {}).get("train") or {}),
         augment=dict((plan_json or {}).get("augment") or {}),
     )
@@ -199,7 +207,12 @@ def build_selector(ts: TrainSet, tp: Any, seed: int, signals: Optional[pd.DataFr
     if ts.sampling_weights is not None:
         raise ConfigError(f"train.dynamic.method={dp.method!r} decides what each epoch draws, and the plan "
                           "has sampling weights (a resampling step) that decide it too; use one of them")
-    return selector.fit(ts.n_kept, tp.epochs, signals if "signals" in selector.requires else None)
+    selector = selector.fit(ts.n_kept, tp.epochs, signals if "signals" in selector.requires else None)
+    smallest, n_classes = int(min(selector.epoch_sizes_)), int(np.unique(ts.labels).size)
+    if smallest < n_classes:
+        warnings.warn(f"train: train.dynamic.budget={dp.budget:g} trains some epochs on {smallest} "
+                      f"sample(s) for {n_classes} classes; raise the budget", DataWarning, stacklevel=2)
+    return selector
 
 
 def run_config(ts: TrainSet, tp: Any, selector: Optional[Any]) -> dict[str, Any]:
@@ -256,6 +269,7 @@ def train_model(
         epochs=tp.epochs, batch_size=tp.batch_size, lr=tp.lr, momentum=tp.momentum,
         weight_decay=tp.weight_decay, label_smoothing=tp.label_smoothing, augment=tp.augment,
         translate=tp.translate, lookahead=tp.lookahead, seed=seed, progress=progress, desc="train",
+        lr_key="train.lr",
     )
     loss_fn, augment_fn, owns_magnitudes = plan_training(ts, tp)
     on_epoch = None
