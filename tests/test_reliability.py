@@ -228,6 +228,13 @@ def test_kill_9_then_rerun_gives_the_same_artifacts_and_no_leftovers(tmp_path):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert all(r.info.status != "RUNNING" for r in runs)
     assert subprocess.run([str(BIN / "dvc"), "status", "-q"], cwd=project, env=env).returncode == 0
+    # the killed run's Prefect flow run was marked Crashed by the rerun, not left RUNNING
+    import sqlite3
+
+    db = Path(env["PREFECT_HOME"]) / "prefect.db"
+    with sqlite3.connect(db) as con:
+        states = [row[0] for row in con.execute("SELECT state_type FROM flow_run")]
+    assert states.count("COMPLETED") >= 1 and "RUNNING" not in states, states
 
 
 @pytest.mark.slow
@@ -255,3 +262,16 @@ def test_two_runs_in_one_checkout_never_mix(tmp_path):
     runs = MlflowClient(tracking_uri=run_info["tracking_uri"]).search_runs([run_info["experiment_id"]])
     assert len(runs) == 1 and runs[0].data.params["optimize.ratio"] == "1.0"
     assert plan and subprocess.run([str(BIN / "dvc"), "status", "-q"], cwd=project, env=env).returncode == 0
+
+
+def test_a_failed_dvc_commit_is_a_user_error_with_the_reason():
+    from tasks.versioning import StageCache
+
+    class Repo:
+        def commit(self, stage, force):
+            raise RuntimeError("")
+
+    cache = StageCache.__new__(StageCache)
+    cache.root, cache.repo = Path("."), Repo()
+    with pytest.raises(UserError, match=r"^dvc commit train failed: RuntimeError$"):
+        cache.commit("train")
