@@ -193,3 +193,18 @@ def test_invalid_exif_orientation_not_applied():
     reason, _, rgb, note, _ = decode(None, buf.getvalue(), (6, 10))
     assert reason is None and rgb.shape == (6, 10, 3)
     assert "applied" not in note and "EXIF orientation 9 ignored" in note
+
+
+def test_an_extreme_aspect_ratio_is_resized_in_bounded_memory():
+    # a 1 x 200k image covering a 32 x 32 target was resized to 32 x 6.4M pixels first (600 MB), then cropped
+    import tracemalloc
+
+    from dataopt.ingest.decode import fit_size
+
+    rgb = np.full((1, 200_000, 3), 200, np.uint8)
+    tracemalloc.start()
+    out, note = fit_size(rgb, (32, 32))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert out.shape == (32, 32, 3) and (out == 200).all() and "centre crop" in note
+    assert peak < 200e6

@@ -117,6 +117,9 @@ def to_rgb(im: Image.Image) -> tuple[np.ndarray, str]:
     return np.asarray(im.convert("RGB"), dtype=np.uint8), f"converted from {mode}"
 
 
+MAX_COVER_PIXELS = 1 << 22  # above this, fit_size crops before resizing
+
+
 def fit_size(rgb: np.ndarray, target: tuple[int, int]) -> tuple[np.ndarray, str]:
     """Resize ``rgb`` (H, W, 3) to ``target`` (h, w) with Pillow's antialiased Lanczos filter.
 
@@ -128,10 +131,17 @@ def fit_size(rgb: np.ndarray, target: tuple[int, int]) -> tuple[np.ndarray, str]
         return rgb, ""
     scale = max(th / h, tw / w)
     nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
-    out = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.Resampling.LANCZOS), dtype=np.uint8)
-    top, left = (nh - th) // 2, (nw - tw) // 2
     crop = (nh, nw) != (th, tw)
     note = f"resized from {w}x{h} to {tw}x{th}" + (" (centre crop)" if crop else "")
+    if nh * nw > max(4 * h * w, MAX_COVER_PIXELS):
+        # an extreme aspect ratio (a 1 x 50M-pixel header, say) would make the cover image huge: crop
+        # the centre box in the source first, then resize only that (same framing, bounded memory)
+        bh, bw = th / scale, tw / scale
+        box = ((w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2)
+        out = Image.fromarray(rgb).resize((tw, th), Image.Resampling.LANCZOS, box=box)
+        return np.asarray(out, dtype=np.uint8), note
+    out = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.Resampling.LANCZOS), dtype=np.uint8)
+    top, left = (nh - th) // 2, (nw - tw) // 2
     return out[top : top + th, left : left + tw], note
 
 
