@@ -35,8 +35,11 @@ from dataopt.schema import QUARANTINE_REASONS
 
 # Pillow warns about random TIFF headers ("Tag data larger than file"): expected here, not a finding
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-FAST = settings(max_examples=40, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-SLOW = settings(max_examples=400, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: CI runs the same cases every time (a campaign explores with --hypothesis-seed)
+FAST = settings(max_examples=40, deadline=None, database=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow])
+SLOW = settings(max_examples=400, deadline=None, database=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow])
 OUTCOMES: Counter = Counter()  # cases per outcome; printed at the end of the module (pytest -s)
 CAMPAIGN = bool(os.environ.get("DATAOPT_FUZZ_CAMPAIGN"))
 
