@@ -35,7 +35,7 @@ from dataopt.schema import QUARANTINE_REASONS
 
 # Pillow warns about random TIFF headers ("Tag data larger than file"): expected here, not a finding
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-# derandomized: CI runs the same cases every time (a campaign explores with --hypothesis-seed)
+# derandomized: CI runs the same cases every time
 FAST = settings(max_examples=40, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=400, deadline=None, database=None, derandomize=True,
