@@ -26,7 +26,8 @@ class WorkspaceBusy(UserError):
     """Another process writes this workspace."""
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True when a process ``pid`` exists on this host (it may belong to another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -81,7 +82,11 @@ class WorkspaceLock:
             raise WorkspaceBusy(f"{self.root} is in use by {who}{waited}: wait for it to finish, or set "
                                 "orchestration.lock_timeout to wait longer") from None
         previous = self.holder()
-        if previous and previous.get("pid") != os.getpid() and not _alive(int(previous.get("pid", 0))):
+        try:
+            pid = int((previous or {}).get("pid", 0))
+        except (TypeError, ValueError):  # a damaged holder file: nothing to report
+            pid = 0
+        if previous and pid != os.getpid() and not process_alive(pid):
             self.stale_ = previous  # its process died holding the lock: the kernel released it
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
               "since": time.time(), "argv": sys.argv}

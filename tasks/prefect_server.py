@@ -22,6 +22,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, Fl
 from prefect.client.schemas.objects import StateType
 from prefect.states import Crashed
 
+from dataopt.lock import process_alive
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -54,15 +56,6 @@ def process_tag(pid: int | None = None) -> str:
     return f"dataopt-pid:{pid or os.getpid()}@{socket.gethostname()}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def crash_dead_runs() -> list[str]:
     """Mark Crashed the RUNNING flow runs of this host whose dataopt process has died (killed by
@@ -77,7 +70,7 @@ def crash_dead_runs() -> list[str]:
             if owner is None:
                 continue
             pid, _, where = owner[len("dataopt-pid:"):].partition("@")
-            if where != host or not pid.isdigit() or _alive(int(pid)):
+            if where != host or not pid.isdigit() or process_alive(int(pid)):
                 continue
             client.set_flow_run_state(run.id, Crashed(message=f"its process (pid {pid}) died; marked "
                                                               "by the next dataopt run"), force=True)

@@ -28,6 +28,7 @@ import yaml
 
 from dataopt.config import Params
 from dataopt.io import file_digest, read_json, write_json
+from dataopt.lock import process_alive
 from dataopt.paths import Paths
 from dataopt.stages import ORDER, STAGE_FILE, launcher
 
@@ -181,15 +182,6 @@ def log_model(uri: str, run_id: str, model_dir: Path) -> str:
     return info.model_uri
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def fail_dead_runs(client: Any, exp_id: str) -> list[str]:
     """Mark FAILED the runs of ``exp_id`` left RUNNING by a dataopt process of this host that has died
@@ -199,7 +191,7 @@ def fail_dead_runs(client: Any, exp_id: str) -> list[str]:
     for run in client.search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=1000):
         tags = run.data.tags
         pid = tags.get("dataopt.pid")
-        if tags.get("dataopt.host") != host or not (pid or "").isdigit() or _alive(int(pid)):
+        if tags.get("dataopt.host") != host or not (pid or "").isdigit() or process_alive(int(pid)):
             continue
         client.set_tag(run.info.run_id, "dataopt.failed_reason", f"its process (pid {pid}) died while "
                        "logging; marked FAILED by the next dataopt run")
