@@ -66,13 +66,12 @@ class WorkspaceLock:
             return None
 
     def __enter__(self) -> "WorkspaceLock":
-        key = str(self.path.resolve()) if self.path.exists() else str(self.path.absolute())
-        if WorkspaceLock._held.get(key):
-            WorkspaceLock._held[key] += 1
-            self._key = key
+        self._key = str(self.path.resolve())  # resolve() needs no existing file
+        if WorkspaceLock._held.get(self._key):
+            WorkspaceLock._held[self._key] += 1
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(self.path), timeout=-1 if self.timeout < 0 else self.timeout)
+        self._lock = FileLock(str(self.path), timeout=self.timeout)  # filelock: < 0 waits forever
         try:
             self._lock.acquire(poll_interval=0.2)
         except Timeout:
@@ -93,7 +92,6 @@ class WorkspaceLock:
         tmp = self.info.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(me))
         os.replace(tmp, self.info)
-        self._key = str(self.path.resolve())
         WorkspaceLock._held[self._key] = 1
         return self
 
