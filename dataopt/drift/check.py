@@ -1,0 +1,147 @@
+"""One drift check: a reference and a batch -> every configured test's result and one verdict.
+
+The caller gives both sides as mappings of raw inputs (``embeddings``, ``labels``, ``images``,
+optionally ``sizes``). What the tests need beyond that is derived here, the same way for both sides:
+
+- ``probs``: a multinomial logistic regression (the proxy of black-box shift detection; Rabanser et
+  al., *Failing Loudly*, NeurIPS 2019, section 3.2, "BBSDs") fitted on one half of the reference's
+  rows. The other half is the reference side of every proxy-based test, so both sides are scored
+  out of sample by the same model: in-sample reference probabilities are more confident than any
+  batch's and would make the KS tests fire on every batch.
+- ``label_issue``: an analyze detector (``analyze.detector``, e.g. ``calibrated_confidence``) fitted
+  on each side's proxy probabilities and given labels; its flag rate is that side's estimated
+  label-noise rate. Batch rows whose label the reference never had are left out of it (they are
+  label shift, reported by ``label_shift``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+import dataopt.plugins  # noqa: F401  (fills DRIFT_TESTS and DETECTORS)
+from dataopt.drift.result import DriftResult, Verdict, verdict
+from dataopt.registry import DETECTORS, DRIFT_TESTS
+
+PROXY_INPUTS = ("probs", "label_issue")
+
+
+@dataclass
+class DriftCheck:
+    results: dict[str, DriftResult]
+    verdict: Verdict
+    proxy: dict[str, Any]  # how the proxy was fitted and how well it predicts held-out reference rows
+    class_weights: Optional[np.ndarray]  # BBSE q(y) / p(y) per class (label_shift with probs), else None
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataopt.drift.result import _plain
+        return {"verdict": self.verdict.to_dict(), "tests": {n: r.to_dict() for n, r in self.results.items()},
+                "proxy": _plain(self.proxy), "class_weights": _plain(self.class_weights)}
+
+
+def fit_proxy(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, max_rows: int,
+              random_state: int = 0) -> tuple[LogisticRegression, np.ndarray, np.ndarray]:
+    """``(model, fit_rows, held_rows)``: a logistic regression on a random half of the reference
+    (at most ``max_rows`` rows) and the other half's row indices (at most ``max_rows``)."""
+    rng = np.random.default_rng(random_state)
+    order = rng.permutation(len(labels))
+    half = len(order) // 2
+    fit_rows, held_rows = np.sort(order[:half][:max_rows]), np.sort(order[half:][:max_rows])
+    model = LogisticRegression(C=1.0, max_iter=300)
+    model.fit(np.asarray(embeddings[fit_rows], np.float32), labels[fit_rows])
+    return model, fit_rows, held_rows
+
+
+def proxy_probs(model: LogisticRegression, embeddings: np.ndarray, n_classes: int) -> np.ndarray:
+    """``(n, n_classes)`` probabilities; a class the proxy never saw gets probability 0."""
+    out = np.zeros((len(embeddings), n_classes), np.float64)
+    if len(embeddings):
+        out[:, model.classes_] = model.predict_proba(np.asarray(embeddings, np.float32))
+    return out
+
+
+def label_issues(probs: np.ndarray, labels: np.ndarray, detector: str, detector_kwargs: Mapping) -> np.ndarray:
+    """Per-row label-issue flags from an analyze detector fitted on ``probs`` and ``labels``; rows
+    whose label has no proxy column are not flagged (the caller drops them)."""
+    method = DETECTORS.build(detector, dict(detector_kwargs))
+    if set(method.requires) - {"probs", "labels"}:
+        raise ValueError(f"analyze.detector {detector!r} needs {method.requires}; label-quality drift "
+                         "scores probabilities and labels only (use calibrated_confidence or confident_learning)")
+    method.fit(probs=probs, labels=labels)
+    if hasattr(method, "is_label_issue_"):
+        return np.asarray(method.is_label_issue_, bool)
+    return np.asarray(method.p_clean_, float) < 0.5
+
+
+def check_drift(reference: Mapping[str, Any], batch: Mapping[str, Any], *, n_classes: int,
+                tests: Sequence[str], alpha: float = 0.05, permutations: int = 500,
+                max_reference: int = 2000, min_batch: int = 50,
+                effect_floor: float | Mapping[str, float] = 0.0,
+                kwargs: Optional[Mapping[str, Mapping]] = None, detector: str = "calibrated_confidence",
+                detector_kwargs: Optional[Mapping] = None, random_state: int = 0,
+                progress: Optional[Callable[[str], None]] = None) -> DriftCheck:
+    """Run ``tests`` (DRIFT_TESTS names) on ``reference`` vs ``batch`` and decide one verdict.
+
+    ``kwargs``: per test, hyper-parameters that override the shared ones (``alpha``,
+    ``permutations``, ``max_reference``, ``random_state``)."""
+    kwargs = kwargs or {}
+    built = {n: DRIFT_TESTS.build(n, dict(kwargs.get(n, {})), alpha=alpha, permutations=permutations,
+                                  max_reference=max_reference, random_state=random_state) for n in tests}
+    ref, bat = dict(reference), dict(batch)
+    needs = {k for m in built.values() for k in m.requires}
+    proxy: dict[str, Any] = {}
+    proxied = [n for n, m in built.items() if set(m.requires) & set(PROXY_INPUTS)]
+    if needs & set(PROXY_INPUTS) or "label_shift" in built:
+        ref, bat, proxy = _with_proxy(ref, bat, n_classes, max_reference, "label_issue" in needs,
+                                      detector, detector_kwargs or {}, random_state)
+    results: dict[str, DriftResult] = {}
+    class_weights = None
+    for name, method in built.items():
+        if progress:
+            progress(name)
+        side_r, side_b = (ref, bat) if name in proxied or name == "label_shift" else (reference, batch)
+        if name == "label_quality":
+            side_r, side_b = _known_labels(side_r, n_classes), _known_labels(side_b, n_classes)
+        results[name] = method.fit(side_r, side_b).result_
+        if name == "label_shift":
+            class_weights = getattr(method, "class_weights_", None)
+    return DriftCheck(results, verdict(results, alpha, min_batch, effect_floor), proxy, class_weights)
+
+
+def _with_proxy(ref: dict, bat: dict, n_classes: int, max_rows: int, want_issues: bool, detector: str,
+                detector_kwargs: Mapping, random_state: int) -> tuple[dict, dict, dict]:
+    """Both sides with ``probs`` (and ``label_issue``); the reference side is its held-out half."""
+    emb, labels = np.asarray(ref["embeddings"]), np.asarray(ref["labels"]).astype(int)
+    model, fit_rows, held = fit_proxy(emb, labels, n_classes, max_rows, random_state)
+    ref_side = {k: (np.asarray(v)[held] if _rowwise(v, len(labels)) else v) for k, v in ref.items()}
+    ref_side["probs"] = proxy_probs(model, emb[held], n_classes)
+    bat_side = dict(bat)
+    bat_side["probs"] = proxy_probs(model, np.asarray(bat["embeddings"]), n_classes)
+    accuracy = float(np.mean(ref_side["probs"].argmax(1) == labels[held])) if len(held) else float("nan")
+    info = {"model": "logistic_regression", "fit_rows": int(len(fit_rows)), "held_rows": int(len(held)),
+            "held_accuracy": accuracy}
+    if want_issues:
+        for side in (ref_side, bat_side):
+            y = np.asarray(side["labels"]).astype(int)
+            known = (y >= 0) & (y < n_classes)
+            flags = np.zeros(len(y), bool)
+            if known.sum() > 1:
+                flags[known] = label_issues(side["probs"][known], y[known], detector, detector_kwargs)
+            side["label_issue"] = flags
+        info["detector"] = detector
+    return ref_side, bat_side, info
+
+
+def _known_labels(side: Mapping, n_classes: int) -> dict:
+    y = np.asarray(side["labels"]).astype(int)
+    keep = (y >= 0) & (y < n_classes)
+    return {k: (np.asarray(v)[keep] if _rowwise(v, len(y)) else v) for k, v in side.items()}
+
+
+def _rowwise(v: Any, n: int) -> bool:
+    return v is not None and hasattr(v, "__len__") and not isinstance(v, (str, dict)) and len(v) == n
+
+
+__all__ = ["DriftCheck", "check_drift", "fit_proxy", "label_issues", "proxy_probs"]
