@@ -67,6 +67,8 @@ class Stage:
 
 
 _STAGE_NAMES = ("ingest", "embed", "perceive", "analyze", "optimize", "train", "evaluate")
+SIDE_STAGES = ("drift",)  # stages beside the chain: `dvc repro` runs them, `dataopt run` does not
+_ALL_STAGES = _STAGE_NAMES + SIDE_STAGES
 
 
 def _a(path: str, kind: str, doc: str, role: str = "out") -> Artifact:
@@ -109,11 +111,14 @@ _DECLARED = (
     _a("evaluate/plots/per_class_accuracy.png", "png", "accuracy per class on the held-out split", "plot"),
     _a("evaluate/plots/reliability.png", "png", "reliability diagram (calibration)", "plot"),
     _a("evaluate/plots/confusion_matrix.png", "png", "confusion matrix on the held-out split", "plot"),
+    _a("drift/drift.json", "json", "the batch checked, the verdict with one line per test, every test's "
+       "statistic, p-value, effect size and breakdown"),
+    _a("drift/plots", "dir", "projection, class shift, p-values, most new-looking rows (empty: no batch)"),
     # written by dataopt.stages.run_stage for every stage
     *(_a(f"{s}/metrics.json", "json", f"headline metrics of {s} (dvc exp show)", "metric")
-      for s in _STAGE_NAMES),
+      for s in _ALL_STAGES),
     *(_a(f"{s}/stage.json", "json", f"every metric {s} returned, its start, end and launcher")
-      for s in _STAGE_NAMES),
+      for s in _ALL_STAGES),
 )
 
 ARTIFACTS: dict[str, Artifact] = {a.path: a for a in _DECLARED}
@@ -142,9 +147,13 @@ STAGES: dict[str, Stage] = {
     "evaluate": Stage(reads=("ingest/samples.parquet", "ingest/images.npy", "embed/embeddings.npy",
                              "train/model", "train/history.json"),
                       params=("evaluate",), doc="the model on the held-out split, and its cost"),
+    "drift": Stage(reads=("ingest/samples.parquet", "ingest/images.npy", "embed/embeddings.npy",
+                          "embed/embedder.safetensors"),
+                   params=("seed", "ingest", "analyze.detector", "analyze.kwargs", "drift"),
+                   deps=("dataopt", "data"), doc="the newest batch against the reference: drift tests, verdict"),
 }
-ORDER = tuple(STAGES)
-assert ORDER == _STAGE_NAMES
+ORDER = _STAGE_NAMES  # the curation chain, in order
+assert tuple(STAGES) == _ALL_STAGES
 
 
 def outputs(stage: str) -> tuple[str, ...]:
@@ -405,7 +414,7 @@ DVC_HEADER = """\
 
 TRACK_DEPS = ("tasks/tracking.py", "tasks/mlflow_model.py")
 # what `dataopt track` logs: every metric, report and folder, and the dataset digest's table
-TRACK_READS = tuple(p for p, a in ARTIFACTS.items() if a.kind in ("json", "dir")) + (
+TRACK_READS = tuple(p for p, a in ARTIFACTS.items() if a.kind in ("json", "dir") and a.stage in ORDER) + (
     "ingest/samples.parquet", "ingest/quarantine.parquet")
 
 

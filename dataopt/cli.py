@@ -22,6 +22,8 @@ from dataopt import interrupt, stages
 from dataopt.config import load_params
 from dataopt.errors import DataWarning, UserError
 from dataopt.artifacts import dvc_yaml
+from dataopt.batches import ensure_data
+from dataopt.cli_data import add_commands as add_data_commands
 from dataopt.io import atomic_path
 from dataopt.lock import WorkspaceLock, describe
 from dataopt.paths import Paths, check_sources
@@ -33,6 +35,8 @@ examples:
   dataopt stage train                          # one stage (what dvc.yaml calls)
   dataopt track                                # log the current artifacts as one MLflow run
   dataopt ui --port 5000                       # MLflow UI on http://127.0.0.1:5000
+  dataopt batch add --demo corrupted           # new data as a versioned batch (data/batches/, data.dvc)
+  dataopt drift                                # check the newest batch against the reference
   dvc repro                                    # the same chain through DVC
   dvc exp run -S optimize.ratio=0.5            # a DVC experiment
 """
@@ -52,7 +56,7 @@ examples:
 """
 
 STAGE_EPILOG = """\
-stages: ingest embed perceive analyze optimize train evaluate
+stages: ingest embed perceive analyze optimize train evaluate, and drift (beside the chain)
 Writes artifacts/<stage>/ (and its metrics.json); the stage's inputs must exist.
 
 examples:
@@ -120,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stage", parents=[common], formatter_class=fmt, epilog=STAGE_EPILOG,
                        help="run one stage (what dvc.yaml calls)", description="Run one stage.")
     p.add_argument("name", metavar="STAGE", help="ingest | embed | perceive | analyze | optimize | "
-                   "train | evaluate")
+                   "train | evaluate | drift")
     _set_option(p)
     p.set_defaults(func=cmd_stage)
 
@@ -141,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve the MLflow UI on 127.0.0.1", description="Serve the MLflow UI.")
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     p.set_defaults(func=cmd_ui)
+    add_data_commands(sub, common, _set_option, fmt, _load, _locked, _note_stale)
     return parser
 
 
@@ -165,6 +170,7 @@ def _checked_params(params_file: Path, overrides: Optional[list[str]], paths: Pa
     """The cheap checks first (schema, the raw source's paths: well under a second), then the method
     names against the loaded plug-ins (imports torch)."""
     params = load_params(params_file, overrides)
+    ensure_data(paths)  # data.dvc records data/, empty in a fresh clone: DVC needs the folder to exist
     check_sources(params, paths)
     from dataopt.plugins import check_methods  # why: imports torch and every method family (seconds)
 
@@ -188,8 +194,8 @@ def _fmt(v: Any) -> str:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    if args.name not in stages.ORDER:  # before anything is read or imported
-        raise UserError(f"unknown stage {args.name!r}; valid: {', '.join(stages.ORDER)}")
+    if args.name not in stages.ALL:  # before anything is read or imported
+        raise UserError(f"unknown stage {args.name!r}; valid: {', '.join(stages.ALL)}")
     params, paths = _load(args)
     t0 = time.perf_counter()
     with _locked(args, params, paths) as lock:

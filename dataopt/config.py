@@ -52,6 +52,7 @@ class IngestParams(Section):
     max_pixels: int = Field(50_000_000, gt=0)
     max_quarantine_fraction: float = Field(0.5, ge=0.0, le=1.0)
     limit: Optional[int] = Field(None, gt=0)
+    batches: list[str] = []  # names of batches in data/manifest.json added to the train split
     noise: NoiseParams = NoiseParams()
 
 
@@ -307,6 +308,8 @@ class DriftParams(Section):
                                       "image_stats": 0.05}
     tests: list[str] = ["mmd", "classifier", "bbsd_ks", "bbsd_chi2", "label_shift", "per_class_mmd",
                         "label_quality", "image_stats"]
+    kwargs: dict[str, dict[str, Any]] = {}  # per test, hyper-parameters over the shared ones
+    batch: Optional[str] = None  # the batch the drift stage checks; null: the newest in data/manifest.json
 
 
 class Params(Section):

@@ -95,6 +95,8 @@ def _checks(p: Params) -> list[tuple[str, Callable[[], None]]]:
         checks.append(("train.adaaugment.kwargs", lambda: _adaaugment(p.train.adaaugment.kwargs)))
     checks += [("drift.tests", lambda n=n: _kwargs("DRIFT_TESTS", n)) for n in p.drift.tests]
     checks += [("drift.effect_floor", lambda n=n: _kwargs("DRIFT_TESTS", n)) for n in p.drift.effect_floor]
+    checks += [(f"drift.kwargs.{n}", lambda n=n, kw=kw: _kwargs("DRIFT_TESTS", n, kw))
+               for n, kw in p.drift.kwargs.items()]
     return checks
 
 

@@ -29,6 +29,7 @@ SAMPLES_COLUMNS = {
     "note": "string",  # conversions applied ("converted from CMYK", "resized from 64x64"), or ""
     "content_hash": "string",  # sha1 of the stored uint8 pixels
     "duplicate_of": "int64",  # sample_id of the first exact duplicate, or null
+    "batch": "string",  # "reference" (the ingest source), or the name of the batch it came from
 }
 
 QUARANTINE_COLUMNS = {
@@ -37,6 +38,7 @@ QUARANTINE_COLUMNS = {
     "split": "string",
     "reason": "string",  # one of QUARANTINE_REASONS
     "detail": "string",  # the readable message
+    "batch": "string",  # "reference" or the batch name
 }
 
 QUARANTINE_REASONS = (

@@ -16,14 +16,14 @@ from typing import Any, Optional
 
 from prefect import flow, get_run_logger, tags
 
-from dataopt.artifacts import ORDER, params as stage_params
+from dataopt.artifacts import ORDER
 from dataopt.config import Params, load_params
 from dataopt.errors import ConfigError
 from dataopt.io import read_json
 from dataopt.paths import Paths
 from tasks import prefect_server
 from tasks.stages import stage_task, track_task
-from tasks.versioning import StageCache
+from tasks.versioning import StageCache, differs
 from dataopt.plugins import check_methods
 
 
@@ -42,21 +42,6 @@ def task_runner(params: Params) -> Any:
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner()
-
-
-def differs(name: str, params: Params, project_params: Optional[Params]) -> bool:
-    """True when a params section of stage ``name`` differs from the project's params.yaml (the values
-    DVC compares with): DVC's answer does not hold for this run, and dvc.lock must not record it."""
-    if project_params is None:
-        return True
-    mine, theirs = params.model_dump(mode="json"), project_params.model_dump(mode="json")
-    return any(_section(mine, s) != _section(theirs, s) for s in stage_params(name))
-
-
-def _section(doc: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        doc = doc[part]
-    return doc
 
 
 @flow(name="curate", log_prints=True)

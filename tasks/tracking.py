@@ -310,3 +310,45 @@ def log_run(
     info = {"run_id": run_id, "experiment_id": exp_id, "tracking_uri": uri, "enabled": True}
     write_json(out_file, info)
     return info
+
+
+def log_drift(params: Params, paths: Paths, started_at: float) -> Optional[str]:
+    """One MLflow run for one drift check (tagged ``dataopt.kind=drift``, ``dataopt.batch=<name>``):
+    the verdict, each test's p-value, Holm-adjusted p-value and effect size, drift.json and the plots.
+    Returns the run id (None when tracking is off or no batch was checked)."""
+    report = read_json(paths.artifacts / "drift" / "drift.json")
+    if not params.tracking.enabled or not report.get("batch"):
+        return None
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    uri = tracking_uri(params, paths)
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = _experiment_id(client, params.tracking.experiment, paths)
+    name, verdict = report["batch"]["name"], report["verdict"]
+    tags = {"dataopt.kind": "drift", "dataopt.batch": name, "dataopt.batch_hash": report["batch"]["content_hash"],
+            "dataopt.drift": str(bool(verdict["drift"])).lower(), "dataopt.verdict": verdict["why"][:5000],
+            "mlflow.source.name": "dataopt", "dataopt.entry_point": "drift"}
+    run = client.create_run(exp_id, start_time=int(started_at * 1000), tags=tags, run_name=f"drift-{name}")
+    run_id = run.info.run_id
+    try:
+        now = int(time.time() * 1000)
+        metrics = [Metric("drift.verdict", float(bool(verdict["drift"])), now, 0),
+                   Metric("drift.n_batch", float(verdict["n_batch"]), now, 0)]
+        for test, r in report["tests"].items():
+            for key, value in (("p_value", r["p_value"]), ("effect_size", r["effect_size"]),
+                               ("holm_p", verdict["adjusted_p"].get(test)),
+                               ("decided", float(verdict["decided"].get(test, False)))):
+                if value is not None:
+                    metrics.append(Metric(f"drift.{test}.{key}", float(value), now, 0))
+        client.log_batch(run_id, metrics=metrics, params=[
+            Param(f"drift.{k}", json.dumps(v, sort_keys=True)[:PARAM_VALUE_LIMIT])
+            for k, v in params.drift.model_dump(mode="json").items()])
+        client.log_artifact(run_id, str(paths.artifacts / "drift" / "drift.json"), "drift")
+        if (paths.artifacts / "drift" / "plots").is_dir():
+            client.log_artifacts(run_id, str(paths.artifacts / "drift" / "plots"), "drift/plots")
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED", end_time=int(time.time() * 1000))
+        raise
+    client.set_terminated(run_id, status="FINISHED", end_time=int(time.time() * 1000))
+    return run_id

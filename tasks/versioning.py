@@ -16,6 +16,8 @@ from typing import Any, Optional
 from dvc.lock import LockError
 from dvc.repo import Repo
 
+from dataopt.artifacts import params as stage_params
+from dataopt.config import Params
 from dataopt.errors import UserError
 
 
@@ -77,3 +79,33 @@ class StageCache:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def differs(name: str, params: Params, project_params: Optional[Params]) -> bool:
+    """True when a params section of stage ``name`` differs from the project's params.yaml (the values
+    DVC compares with): DVC's answer does not hold for this run, and dvc.lock must not record it."""
+    if project_params is None:
+        return True
+    mine, theirs = params.model_dump(mode="json"), project_params.model_dump(mode="json")
+    return any(_section(mine, s) != _section(theirs, s) for s in stage_params(name))
+
+
+def _section(doc: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        doc = doc[part]
+    return doc
+
+
+def track_data(root: Path) -> str:
+    """``dvc add data``: record ``data/`` (batches and manifest) in ``data.dvc``; says what it did."""
+    root = Path(root)
+    if not (root / ".dvc").is_dir():
+        return f"{root} is not a DVC project (no .dvc/): data/ not versioned; run `dvc init` to version it"
+    logging.getLogger("dvc").setLevel(logging.WARNING)
+    try:
+        with Repo(str(root)) as repo:
+            repo.add("data")
+    except LockError:
+        raise UserError(f"DVC is busy in {root}: another dvc command holds .dvc/tmp/lock; the batch is "
+                        "in data/ but not yet in data.dvc: run `dvc add data` when it is done") from None
+    return "data.dvc updated (dvc add data)"

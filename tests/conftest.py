@@ -60,6 +60,7 @@ def write_digits_ingested(
         "note": ["converted from L"] * n,
         "content_hash": hashes,
         "duplicate_of": duplicate_of,
+        "batch": ["reference"] * n,
     }
     schema = pa.schema([(c, _ARROW[t]) for c, t in SAMPLES_COLUMNS.items()])
     paths = Paths.at(root)

@@ -102,6 +102,7 @@ def digits_project(root) -> Paths:
         "source": text, "source_id": text, "orig_height": np.full(n, 8), "orig_width": np.full(n, 8),
         "orig_mode": np.full(n, "L"), "note": np.full(n, ""), "content_hash": text,
         "duplicate_of": pa.nulls(n, pa.int64()),
+        "batch": np.full(n, "reference"),
     }
     paths = Paths.at(root)
     write_parquet(paths.stage("ingest") / "samples.parquet", pa.table({k: cols[k] for k in SAMPLES_COLUMNS}))

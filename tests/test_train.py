@@ -60,6 +60,7 @@ def write_project(root, digits) -> Paths:
         "note": np.full(n, "converted from L"),
         "content_hash": np.array([str(i) for i in range(n)]),
         "duplicate_of": pa.nulls(n, pa.int64()),
+        "batch": np.full(n, "reference"),
     }
     table = pa.table({k: cols[k] for k in SAMPLES_COLUMNS})
     paths = Paths.at(root)

@@ -21,8 +21,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-import dataopt.plugins  # noqa: F401  (fills DRIFT_TESTS and DETECTORS)
-from dataopt.drift.result import DriftResult, Verdict, verdict
+import dataopt.analyze.confident  # noqa: F401  (the DETECTORS that score probabilities and labels)
+import dataopt.drift.black_box  # noqa: F401  (DRIFT_TESTS)
+import dataopt.drift.classifier  # noqa: F401
+import dataopt.drift.image_stats  # noqa: F401
+import dataopt.drift.kernel  # noqa: F401
+import dataopt.drift.label_quality  # noqa: F401
+from dataopt.drift.result import DriftResult, Verdict, _plain, verdict
 from dataopt.registry import DETECTORS, DRIFT_TESTS
 
 PROXY_INPUTS = ("probs", "label_issue")
@@ -36,7 +41,6 @@ class DriftCheck:
     class_weights: Optional[np.ndarray]  # BBSE q(y) / p(y) per class (label_shift with probs), else None
 
     def to_dict(self) -> dict[str, Any]:
-        from dataopt.drift.result import _plain
         return {"verdict": self.verdict.to_dict(), "tests": {n: r.to_dict() for n, r in self.results.items()},
                 "proxy": _plain(self.proxy), "class_weights": _plain(self.class_weights)}
 

@@ -17,10 +17,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from dataopt.batches import REFERENCE, get_batch, source_params, verify
 from dataopt.config import IngestParams
 from dataopt.ingest import decode as dec
 from dataopt.ingest import labels as lab
 from dataopt.ingest import sources  # also fills SOURCES
+from dataopt.paths import Paths
 from dataopt.registry import SOURCES
 from dataopt.schema import QUARANTINE_COLUMNS, QUARANTINE_REASONS, SAMPLES_COLUMNS, TEST, TRAIN
 
@@ -53,6 +55,24 @@ class IngestResult:
 def table(columns: dict[str, str], data: dict[str, Any]) -> pa.Table:
     """A pyarrow table with exactly ``columns`` (name -> type) from ``data`` (None = null)."""
     return pa.table({c: pa.array(data[c], type=_ARROW[t]) for c, t in columns.items()})
+
+
+def with_batches(raw: sources.RawRows, p: IngestParams, paths: Paths) -> tuple[pd.DataFrame, int]:
+    """``(frame, n_pixels)``: the source's rows (``batch`` = "reference"), then the rows of every batch
+    in ``p.batches`` (verified against the manifest; split "train"; sources and keys prefixed with
+    ``batches/<name>/`` so that their ids never collide with the reference's). The first
+    ``n_pixels`` rows are the source's pre-decoded ``raw.pixels`` (none: 0)."""
+    n_pixels = len(raw.pixels) if raw.pixels is not None else 0
+    frame = raw.frame.assign(batch=REFERENCE)
+    parts = [frame]
+    for i, name in enumerate(dict.fromkeys(p.batches)):
+        entry = get_batch(paths, name)
+        verify(paths, entry)
+        part = build_source(source_params(entry, paths, p), paths.root).read().frame
+        prefix = f"batches/{name}/"
+        parts.append(part.assign(part=2 + i, split=TRAIN, batch=name, source=prefix + part["source"].astype(str),
+                                 key=prefix + part["key"].astype(str)))
+    return (sources.concat(parts) if len(parts) > 1 else frame), n_pixels
 
 
 def build_source(p: IngestParams, root: Path):
@@ -94,7 +114,7 @@ def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None
     workers : decoding threads (default: number of CPUs, at most 8)
     """
     raw = build_source(p, root).read()
-    frame = raw.frame
+    frame, n_pixels = with_batches(raw, p, Paths.at(root))  # rows < n_pixels: in raw.pixels
     n_read = len(frame)
     verdict = _Verdicts(frame)
 
@@ -138,35 +158,40 @@ def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None
     resized = np.zeros(n_read, dtype=bool)
     hashes = np.array([""] * n_read, dtype=object)
     pend = verdict.pending()
+    target, decoded = None, []
     if raw.pixels is not None:  # a built-in data set, already decoded to one size
+        pend, ready = pend[pend >= n_pixels], pend[pend < n_pixels]
         h, w = raw.pixels.shape[1:3]
-        orig_h[:], orig_w[:], orig_mode[:] = h, w, raw.meta.get("orig_mode", "RGB")
-        note[:] = raw.meta.get("note", "")
+        orig_h[:n_pixels], orig_w[:n_pixels] = h, w
+        orig_mode[:n_pixels], note[:n_pixels] = raw.meta.get("orig_mode", "RGB"), raw.meta.get("note", "")
         target = (p.image_size, p.image_size) if p.image_size else (h, w)
-        images = raw.pixels[pend]
+        images = raw.pixels[ready]
         if target != (h, w):
             fitted = [dec.fit_size(im, target) for im in images]
             images = np.stack([f[0] for f in fitted]) if fitted else np.zeros((0, *target, 3), np.uint8)
-            resized[pend] = True
-            note[pend] = [f"{note[i]}; {f[1]}" if note[i] else f[1] for i, f in zip(pend, fitted)]
-        hashes[pend] = [hashlib.sha1(im.tobytes()).hexdigest() for im in images]
-    else:
+            resized[ready] = True
+            note[ready] = [f"{note[i]}; {f[1]}" if note[i] else f[1] for i, f in zip(ready, fitted)]
+        hashes[ready] = [hashlib.sha1(im.tobytes()).hexdigest() for im in images]
+        decoded.append(images)
+    if raw.pixels is None or len(pend):  # files and bytes (a batch beside a built-in set: decoded to its size)
         r, d, hh, ww, mm = dec.probe_all(files, data, pend, p.max_pixels, workers)
         orig_h[pend], orig_w[pend], orig_mode[pend] = hh, ww, mm
         verdict.reject(pend, r, d)
         pend = verdict.pending()
-        if p.image_size:
+        pend = pend[pend >= n_pixels]
+        if target is None and p.image_size:
             target = (p.image_size, p.image_size)
-        elif len(pend):
+        elif target is None and len(pend):
             sizes = Counter(zip(orig_h[pend].tolist(), orig_w[pend].tolist()))
             target = max(sizes.items(), key=lambda kv: (kv[1], kv[0]))[0]  # most common; ties -> larger
-        else:
+        elif target is None:
             target = (0, 0)
         images, r, d, nn, rs, hs = dec.decode_all(files, data, pend, target, workers)
         note[pend], resized[pend], hashes[pend] = nn, rs, hs
         verdict.reject(pend, r, d)
         keep = np.array([x is None for x in r], dtype=bool)
-        images = images[keep] if not keep.all() else images
+        decoded.append(images[keep] if not keep.all() else images)
+    images = decoded[0] if len(decoded) == 1 else np.concatenate(decoded)  # pre-decoded rows come first
     # `images` now holds the valid rows, in frame order
     valid = verdict.pending()
     n_valid, n_quar = len(valid), n_read - len(valid)
@@ -213,6 +238,7 @@ def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None
         "note": note[valid].tolist(),
         "content_hash": h_valid.tolist(),
         "duplicate_of": [int(x) if x >= 0 else None for x in duplicate_of],
+        "batch": frame["batch"].to_numpy(dtype=object)[valid].tolist(),
     })
     bad = np.flatnonzero(pd.notna(verdict.reason))
     qsplit = frame["split"].to_numpy(dtype=object)[bad]
@@ -222,6 +248,7 @@ def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None
         "split": qsplit.tolist(),
         "reason": verdict.reason[bad].tolist(),
         "detail": verdict.detail[bad].tolist(),
+        "batch": frame["batch"].to_numpy(dtype=object)[bad].tolist(),
     })
 
     # --- report: every outcome counted

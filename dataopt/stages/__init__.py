@@ -19,12 +19,13 @@ from types import ModuleType
 from typing import Any, Optional
 
 from dataopt import artifacts as art
-from dataopt.artifacts import ORDER, stage_context
+from dataopt.artifacts import ORDER, SIDE_STAGES, stage_context
 from dataopt.config import Params
 from dataopt.errors import ConfigError
 from dataopt.paths import Paths
 
-__all__ = ["ORDER", "module", "run_stage"]
+__all__ = ["ALL", "ORDER", "module", "run_stage"]
+ALL = ORDER + SIDE_STAGES  # every stage `dataopt stage` runs
 
 # the columns `dvc exp show` gets per stage; everything else a stage returns is in stage.json
 HEADLINE = {
@@ -36,6 +37,7 @@ HEADLINE = {
     "train": ("epochs", "samples_seen", "final_loss", "train_seconds", "seconds"),
     "evaluate": ("accuracy", "balanced_accuracy", "macro_f1", "ece", "nll", "cost_ratio",
                  "samples_seen", "seconds"),
+    "drift": ("drift", "n_batch", "n_flagged_tests", "seconds"),
 }
 METRICS_FILE = "metrics.json"
 STAGE_FILE = "stage.json"
@@ -44,8 +46,8 @@ _SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "fish", "busybox"})
 
 
 def module(name: str) -> ModuleType:
-    if name not in ORDER:
-        raise ConfigError(f"unknown stage {name!r}; valid: {', '.join(ORDER)}")
+    if name not in ALL:
+        raise ConfigError(f"unknown stage {name!r}; valid: {', '.join(ALL)}")
     return importlib.import_module(f"dataopt.stages.{name}")
 
 

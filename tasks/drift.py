@@ -1,0 +1,51 @@
+"""A drift check as users run it (``dataopt drift``): bring the reference up to date, check the batch,
+record it. DVC decides what is stale, as in the ``curate`` flow: ``ingest`` and ``embed`` (what the
+reference is made of) run only when ``dvc status`` says so, then the ``drift`` stage; each stage that
+ran with the project's params is committed to ``dvc.lock``, so ``dvc status`` stays clean. One MLflow
+run per check, tagged with the batch (:func:`tasks.tracking.log_drift`).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from dataopt.config import Params
+from dataopt.io import read_json
+from dataopt.paths import Paths
+from dataopt.stages import run_stage
+from tasks.tracking import log_drift
+from tasks.versioning import StageCache, differs
+
+STAGES = ("ingest", "embed", "drift")
+
+
+def check_batch(params: Params, paths: Paths, project_params: Optional[Params],
+                say=print) -> dict[str, Any]:
+    """Run the stale stages of :data:`STAGES`, log the check; returns ``{"report", "ran", "run_id",
+    "dvc"}``."""
+    started = time.time()
+    cache, note = StageCache.open(paths.root)
+    ran, tainted = [], False
+    try:
+        for name in STAGES:
+            own = differs(name, params, project_params)
+            tainted = tainted or own
+            why = ("params differ from params.yaml" if own else "no DVC project" if cache is None
+                   else cache.stale(name))
+            if why is None:
+                continue
+            if name != "drift":
+                say(f"dataopt: {name}: running ({why})")
+            run_stage(name, params, paths)
+            ran.append(name)
+            if cache is not None and not tainted:
+                cache.commit(name)
+    finally:
+        if cache is not None:
+            cache.close()
+    dvc = note if cache is None else (
+        "params differ from params.yaml: this check is not recorded in dvc.lock" if tainted
+        else "dvc.lock up to date")
+    run_id = log_drift(params, paths, started) if "drift" in ran else None  # a cached check is not re-logged
+    return {"report": read_json(paths.artifacts / "drift" / "drift.json"), "ran": ran, "run_id": run_id,
+            "dvc": dvc}
