@@ -41,7 +41,7 @@ class ContractError(RuntimeError):
 class Artifact:
     """One declared output. ``path`` is relative to ``artifacts/``; its first part is the producing stage.
 
-    ``kind``: parquet | npy | npz | json | dir | png. ``role``: ``out`` (versioned by DVC), ``metric``
+    ``kind``: parquet | npy | npz | json | safetensors | dir | png. ``role``: ``out`` (versioned by DVC), ``metric``
     (headline numbers for ``dvc metrics`` / ``dvc exp show``, kept in git) or ``plot`` (an image
     ``dvc plots show`` renders; it lives inside a ``dir`` out of the same stage).
     """
@@ -87,6 +87,8 @@ _DECLARED = (
        "arrays when the backend gives none"),
     _a("embed/knn.npz", "npz", "k nearest train neighbours of every train row (faiss)"),
     _a("embed/meta.json", "json", "backend, model, dims, shards, timings"),
+    _a("embed/embedder.safetensors", "safetensors", "the fitted embedder: its state arrays and what "
+       "rebuilds it (backend, kwargs, identity); dataopt.embed.run.load_embedder"),
     _a("embed/duplicates.json", "json", "near- and exact-duplicate groups of the train rows"),
     _a("perceive/signals.parquet", "parquet", "train rows: sample_id, label, one column per signal"),
     _a("perceive/dynamics.npz", "npz", "per-epoch out-of-fold loss, margin, correctness, probs"),
@@ -130,7 +132,7 @@ STAGES: dict[str, Stage] = {
     "ingest": Stage(reads=(), params=("seed", "ingest"), deps=("dataopt", "data"),
                     doc="raw source -> validated samples, images, quarantine"),
     "embed": Stage(reads=("ingest/samples.parquet", "ingest/images.npy"), params=("seed", "embed"),
-                   doc="images -> embeddings, class-prompt embeddings, kNN graph"),
+                   doc="images -> embeddings, class-prompt embeddings, kNN graph, the fitted embedder"),
     "perceive": Stage(reads=("ingest/samples.parquet", "ingest/images.npy", "embed/embeddings.npy",
                              "embed/text_embeddings.npy", "embed/knn.npz"),
                       params=("seed", "perceive"), doc="out-of-fold dynamics and per-sample signals"),

@@ -211,11 +211,11 @@ def map_fresh_workers(fn, specs):
     no model in memory (the fitted state comes from the shard folder on disk)."""
     import pickle
 
-    from dataopt.stages import embed as embed_stage
+    from dataopt.embed.run import forget
 
     out = []
     for spec in specs:
-        embed_stage.forget()
+        forget()
         out.append(pickle.loads(pickle.dumps(fn))(pickle.loads(pickle.dumps(spec))))
     return out
 

@@ -256,9 +256,21 @@ class ProxyEmbedder(Embedder):
         if len(train_idx) != len(self.fold_of_train_):
             raise DataError(f"the proxy fold models were fitted on {len(self.fold_of_train_)} train rows, "
                             f"but {len(train_idx)} were given: rerun the 'embed' stage")
-        n, n_folds = len(images), len(self.fold_models_)
-        fold = np.full(n, -1, np.int64)
+        fold = np.full(len(images), -1, np.int64)
         fold[train_idx] = self.fold_of_train_
+        probs = self._fold_probs(images, fold)
+        return {"probs": probs, "fold": fold, "out_of_fold": fold >= 0}
+
+    def predict_proba(self, images: np.ndarray) -> Optional[np.ndarray]:
+        """``(n, C)`` float32: the mean of the fold models' probabilities (as :meth:`class_probs` scores a
+        test row); None when ``folds`` < 2."""
+        if not getattr(self, "fold_models_", None):
+            return None
+        return self._fold_probs(images, np.full(len(images), -1, np.int64))
+
+    def _fold_probs(self, images: np.ndarray, fold: np.ndarray) -> np.ndarray:
+        """Row i scored by fold model ``fold[i]``, or by the mean of every fold model when ``fold[i] < 0``."""
+        n, n_folds = len(images), len(self.fold_models_)
         probs = np.empty((n, int(self.net_["n_classes"])), np.float32)
         dev = next(self.model_.parameters()).device
         step = max(1, int(self.transform_batch_size))
@@ -274,7 +286,7 @@ class ProxyEmbedder(Embedder):
                     acc[rows] += torch.softmax(predict_logits(model, x[rows], batch_size=len(rows)), dim=1)
             acc[outside] /= n_folds
             probs[s : s + step] = acc.cpu().numpy()
-        return {"probs": probs, "fold": fold, "out_of_fold": fold >= 0}
+        return probs
 
     def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays = {k: v.detach().cpu().numpy() for k, v in self.model_.state_dict().items()}

@@ -149,3 +149,9 @@ class Embedder:
         that held it out). The stage writes it as ``embed/proxy_probs.npz``.
         """
         return None
+
+    def predict_proba(self, images: np.ndarray) -> Optional[np.ndarray]:
+        """Class probabilities ``(n, C)`` float32 of rows outside the fitted train rows (new data), scored
+        as :meth:`class_probs` scores its rows outside the folds; None (the default) when the backend
+        gives none."""
+        return None

@@ -1,2 +1,2 @@
-"""Evaluation: metrics on the held-out split (:mod:`.metrics`) and the evaluate stage's plots
-(:mod:`.plots`)."""
+"""Evaluation: metrics on the held-out split (:mod:`.metrics`), the evaluate step as one call
+(:func:`.run.evaluate`) and the evaluate stage's plots (:mod:`.plots`)."""
