@@ -38,10 +38,13 @@ def manifest_path(paths: Paths) -> Path:
     return paths.data / MANIFEST
 
 
-def ensure_data(paths: Paths) -> Path:
-    """``data/`` exists (an empty folder is what ``data.dvc`` records in a fresh clone)."""
-    paths.data.mkdir(exist_ok=True)
-    return paths.data
+def ensure_data(paths: Paths) -> bool:
+    """Make ``data/`` exist (an empty folder is what ``data.dvc`` records in a fresh clone); True when
+    it was created now."""
+    if paths.data.is_dir():
+        return False
+    paths.data.mkdir()
+    return True
 
 
 def read_manifest(paths: Paths) -> list[dict[str, Any]]:

@@ -170,7 +170,11 @@ def _checked_params(params_file: Path, overrides: Optional[list[str]], paths: Pa
     """The cheap checks first (schema, the raw source's paths: well under a second), then the method
     names against the loaded plug-ins (imports torch)."""
     params = load_params(params_file, overrides)
-    ensure_data(paths)  # data.dvc records data/, empty in a fresh clone: DVC needs the folder to exist
+    if ensure_data(paths) and (paths.root / "data.dvc").exists():
+        # a fresh clone: data.dvc records an empty data/, which DVC needs to exist and in its cache
+        from tasks.versioning import track_data  # why: DVC, only the first time
+
+        track_data(paths.root)
     check_sources(params, paths)
     from dataopt.plugins import check_methods  # why: imports torch and every method family (seconds)
 

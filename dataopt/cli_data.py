@@ -89,11 +89,10 @@ def cmd_batch_add(args: argparse.Namespace, load: Callable, locked: Callable, no
     with locked(args, params, paths) as lock, tempfile.TemporaryDirectory(prefix="dataopt-demo-") as tmp:
         note_stale(lock)
         if args.demo:
-            from dataopt.demo import demo_batch  # why: torch (corruptions), only for demos
+            from dataopt.demo import DEMO_COLUMNS, demo_batch  # why: torch (corruptions), only for demos
 
             src = demo_batch(args.demo, Path(tmp) / f"{args.demo}.parquet", seed=params.seed)
-            columns = {"label_column": "label", "image_column": "image", "id_column": "id",
-                       "label_name_column": None, "path_column": None, "clean_label_column": None}
+            columns = DEMO_COLUMNS
             entry = add_batch(paths, src, args.name or _demo_name(paths, args.demo), params.ingest,
                                       params.seed, columns, origin=f"demo:{args.demo}")
         else:

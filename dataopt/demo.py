@@ -22,6 +22,9 @@ from dataopt.drift.shifts import corrupt, raise_label_noise
 DEMOS = ("clean", "corrupted", "noisy-labels")
 CORRUPTION = ("gaussian_noise", 5)
 NOISE = 0.3
+# how `batch add` reads a demo file (the batch's columns in data/manifest.json)
+DEMO_COLUMNS = {"label_column": "label", "image_column": "image", "id_column": "id", "label_name_column": None,
+                "path_column": None, "clean_label_column": None}
 
 
 def demo_batch(kind: str, out: Path, rows: int = 400, seed: int = 0) -> Path:

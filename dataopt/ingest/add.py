@@ -45,7 +45,7 @@ def add_batch(paths: Paths, src: Path, name: Optional[str], base: IngestParams, 
         _copy(src, kind, staging / ENTRY[kind], cols)
         entry = {"name": name, "kind": kind, "columns": cols}
         staged = dict(entry, name=staging.name)
-        result = ingest(source_params(staged, paths, base), seed, paths.root)
+        result = ingest(source_params(staged, paths, base), seed, paths.root, min_classes=1)
         if result.error:
             raise DataError(f"batch {name!r} refused: {result.error.removeprefix('ingest: ')}")
         rep = result.report

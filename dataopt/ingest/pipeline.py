@@ -103,7 +103,8 @@ class _Verdicts:
                 self.reason[i], self.detail[i] = r, sources.shown(f"{self.source[i]}: {d}")
 
 
-def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None) -> IngestResult:
+def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None,
+           min_classes: int = 2) -> IngestResult:
     """Read, validate, decode and split the source described by ``p``.
 
     Parameters
@@ -112,6 +113,7 @@ def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None
     seed : params.yaml ``seed`` (train/test split)
     root : folder that relative ``ingest.path`` / ``eval_path`` are resolved against
     workers : decoding threads (default: number of CPUs, at most 8)
+    min_classes : train classes needed (a training set: 2; a batch of new data may hold one class)
     """
     raw = build_source(p, root).read()
     frame, n_pixels = with_batches(raw, p, Paths.at(root))  # rows < n_pixels: in raw.pixels
@@ -301,7 +303,7 @@ def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None
     if n_valid == 0:
         error = (f"ingest: no valid sample remains out of {n_read} rows read from {p.source} "
                  f"({p.path or 'built-in'}); reasons: {top or 'no rows'}; see quarantine.parquet")
-    elif len(train_classes) < 2:
+    elif len(train_classes) < min_classes:
         found = ", ".join(repr(names[c]) for c in train_classes) or "none"
         n_found = len(train_classes)
         error = (f"ingest: the train split has {n_found} class{'' if n_found == 1 else 'es'} with valid samples "

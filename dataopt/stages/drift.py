@@ -84,7 +84,8 @@ def _reference(paths: Paths, batch: str) -> dict[str, Any]:
 
 def _batch(params: Params, paths: Paths, entry: dict, size: tuple[int, int]) -> tuple[dict[str, Any], int]:
     square = size[0] if size[0] == size[1] else None
-    result = ingest(batches.source_params(entry, paths, params.ingest, square), params.seed, paths.root)
+    result = ingest(batches.source_params(entry, paths, params.ingest, square), params.seed, paths.root,
+                    min_classes=1)  # a batch may hold a single (new) class
     if result.error:
         raise DataError(f"drift: batch {entry['name']!r}: {result.error.removeprefix('ingest: ')}")
     if result.images.shape[1:3] != tuple(size):
