@@ -24,6 +24,8 @@ from dataopt.errors import DataWarning, UserError
 from dataopt.artifacts import dvc_yaml
 from dataopt.batches import ensure_data
 from dataopt.cli_data import add_commands as add_data_commands
+from dataopt.cli_service import add_commands as add_service_commands
+from dataopt.cli_service import use_servers
 from dataopt.io import atomic_path
 from dataopt.lock import WorkspaceLock, describe
 from dataopt.paths import Paths, check_sources
@@ -146,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     p.set_defaults(func=cmd_ui)
     add_data_commands(sub, common, _set_option, fmt, _load, _locked, _note_stale)
+    add_service_commands(sub, common, fmt, _load)
     return parser
 
 
@@ -163,6 +166,7 @@ def _locate(args: argparse.Namespace) -> tuple[Path, Path]:
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     root, params_file = _locate(args)
     paths = Paths.at(root)
+    use_servers(root)  # `dataopt server start` ran here: talk to its Prefect and MLflow servers
     return _checked_params(params_file, getattr(args, "overrides", None), paths), paths
 
 
@@ -262,6 +266,7 @@ def _quiet_user_errors() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     root, params_file = _locate(args)
     paths = Paths.at(root)
+    use_servers(root)
     params = _checked_params(params_file, args.overrides, paths)  # fail fast, before Prefect starts
     # offline machines: no telemetry attempts from the ephemeral API (a user setting still wins)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from dataopt import batches
+from dataopt import batches, loop
 from dataopt.config import load_params
 from dataopt.errors import UserError
 
@@ -112,10 +112,13 @@ def cmd_batch_list(args: argparse.Namespace, load: Callable) -> int:
     if not entries:
         print(f"dataopt: no batch yet in {batches.manifest_path(paths)} (add one with `dataopt batch add`)")
         return 0
-    print(f"{'name':<24} {'added (UTC)':<20} {'kind':<11} {'rows':>6} {'valid':>6} {'quar.':>6}  source")
+    checks = {d["batch"]: d for d in loop.decisions(paths, ["drift_checked"])}  # the last check wins
+    print(f"{'name':<24} {'added (UTC)':<20} {'kind':<11} {'rows':>6} {'valid':>6} {'quar.':>6} {'drift':<9} source")
     for e in entries:
+        c = checks.get(e["name"])
+        drift = "-" if c is None else "no verdict" if c["drift"] is None else "DRIFT" if c["drift"] else "no drift"
         print(f"{e['name']:<24} {e['added_at'][:19]:<20} {e['kind']:<11} {e['rows']:>6} {e['n_valid']:>6} "
-              f"{e['n_quarantined']:>6}  {e['source']}")
+              f"{e['n_quarantined']:>6} {drift:<9} {e['source']}")
     return 0
 
 

@@ -294,6 +294,20 @@ class OrchestrationParams(Section):
     lock_timeout: float = Field(0.0, ge=-1)
 
 
+class ScheduleParams(Section):
+    """The continuous loop (``dataopt serve``): where batches land, what starts a retrain, when."""
+
+    incoming: str = "data/incoming"  # landing folder watched for new batches (not versioned: .dvcignore)
+    watch_interval: int = Field(60, ge=1)  # seconds between two looks at the landing folder
+    # what makes check_drift start retrain: drift (a drift verdict), new_data (rows added since the
+    # last training >= min_new_rows), age (hours since the last training >= max_age_hours)
+    triggers: list[Literal["drift", "new_data", "age"]] = ["drift"]
+    min_new_rows: int = Field(1000, ge=1)
+    max_age_hours: Optional[float] = Field(None, gt=0)
+    full_retrain_cron: Optional[str] = None  # e.g. "0 3 * * 0": a scheduled full retrain (cron, UTC)
+    lock_timeout: float = Field(3600.0, ge=-1)  # seconds a flow waits for the workspace lock, then skips
+
+
 class DriftParams(Section):
     """The drift check of a batch against the reference (dataopt/drift)."""
 
@@ -326,6 +340,7 @@ class Params(Section):
     tracking: TrackingParams = TrackingParams()
     orchestration: OrchestrationParams = OrchestrationParams()
     drift: DriftParams = DriftParams()
+    schedule: ScheduleParams = ScheduleParams()
 
     def section(self, name: str) -> dict[str, Any]:
         return getattr(self, name).model_dump(mode="json")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
+from dataopt import loop
 from dataopt.config import Params
 from dataopt.io import read_json
 from dataopt.paths import Paths
@@ -47,5 +48,8 @@ def check_batch(params: Params, paths: Paths, project_params: Optional[Params],
         "params differ from params.yaml: this check is not recorded in dvc.lock" if tainted
         else "dvc.lock up to date")
     run_id = log_drift(params, paths, started) if "drift" in ran else None  # a cached check is not re-logged
-    return {"report": read_json(paths.artifacts / "drift" / "drift.json"), "ran": ran, "run_id": run_id,
-            "dvc": dvc}
+    report = read_json(paths.artifacts / "drift" / "drift.json")
+    if report.get("batch") and "drift" in ran:
+        loop.record(paths, "drift_checked", batch=report["batch"]["name"], drift=report["verdict"]["drift"],
+                    why=report["verdict"]["why"], mlflow_run=run_id)
+    return {"report": report, "ran": ran, "run_id": run_id, "dvc": dvc}

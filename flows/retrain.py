@@ -1,0 +1,121 @@
+"""The ``retrain`` flow: re-curate the reference plus every accepted batch with the current
+``params.yaml`` (the ``curate`` flow with ``ingest.batches`` set), register the trained model as the
+``challenger``, and promote it to ``champion`` only by the rule of ``params.yaml``'s ``promotion``
+section, judged on the frozen evaluation set.
+
+The frozen evaluation set is the reference's held-out split: batches only ever add training rows, so
+it never contains training data, and its sample ids' digest is recorded with every decision. Champion
+and challenger are both loaded from the MLflow registry and scored on the same images. With no
+champion yet, the model of the last ``dataopt run`` (``artifacts/track/run.json``) becomes the first
+one, so the first challenger has something to beat. One writer at a time: the flow holds the workspace
+lock (a second trigger waits up to ``schedule.lock_timeout`` seconds, then is skipped with its reason).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Optional
+
+import numpy as np
+from prefect import flow, get_run_logger
+
+from dataopt import batches, loop
+from dataopt.config import Params, load_params
+from dataopt.errors import UserError
+from dataopt.evaluate.compare import decide_promotion
+from dataopt.io import read_json
+from dataopt.lock import WorkspaceLock
+from dataopt.paths import Paths
+from dataopt.schema import TEST
+from flows.curate import curate
+from tasks import registry
+from tasks.tracking import tracking_uri
+
+
+def frozen_eval_set(paths: Paths) -> tuple[np.ndarray, np.ndarray, str]:
+    """``(images, labels, digest)`` of the reference's held-out rows (batches never add test rows)."""
+    import pandas as pd
+
+    samples = pd.read_parquet(paths.artifacts / "ingest" / "samples.parquet",
+                              columns=["sample_id", "split", "label", "batch"])
+    rows = np.flatnonzero((samples["split"] == TEST).to_numpy() & (samples["batch"] == batches.REFERENCE).to_numpy())
+    images = np.load(paths.artifacts / "ingest" / "images.npy", mmap_mode="r")
+    ids = np.sort(samples["sample_id"].to_numpy()[rows])
+    return np.asarray(images[rows]), samples["label"].to_numpy()[rows], hashlib.sha256(ids.tobytes()).hexdigest()
+
+
+def _predict(model_uri: str, images: np.ndarray) -> np.ndarray:
+    import mlflow.pyfunc
+
+    return np.asarray(mlflow.pyfunc.load_model(model_uri).predict(images)).argmax(1)
+
+
+def _model_uri(uri: str, run_id: str) -> str:
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(tracking_uri=uri).get_run(run_id).data.tags
+    if "dataopt.model_uri" not in tags:
+        raise UserError(f"MLflow run {run_id} logged no model (tracking.log_model: false?): nothing to register")
+    return tags["dataopt.model_uri"]
+
+
+def ensure_champion(params: Params, paths: Paths, logger: Any) -> Optional[str]:
+    """The champion's version; with none yet, the model of the last `dataopt run` becomes it."""
+    uri, name = tracking_uri(params, paths), params.promotion.registered_model
+    current = registry.champion(uri, name)
+    run_file = paths.artifacts / "track" / "run.json"
+    if current is not None or not run_file.exists() or not read_json(run_file).get("run_id"):
+        return current
+    run_id = read_json(run_file)["run_id"]
+    version = registry.register(uri, name, _model_uri(uri, run_id), run_id, {"dataopt.origin": "dataopt run"})
+    registry.promote(uri, name, version, "baseline: the model of the last `dataopt run` (no champion yet)")
+    loop.record(paths, "promoted", version=version, reason="baseline: no champion yet", mlflow_run=run_id)
+    logger.info("champion: version %s (the last `dataopt run`, no champion before)", version)
+    return version
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(project: str = ".", reason: str = "scheduled full retrain") -> dict[str, Any]:
+    """Re-curate with every accepted batch, train a challenger, promote it only if it is better."""
+    logger = get_run_logger()
+    paths = Paths.at(project)
+    params = load_params(paths.params)
+    names = [e["name"] for e in batches.read_manifest(paths)]
+    try:
+        lock = WorkspaceLock(paths.root, "retrain", timeout=params.schedule.lock_timeout).__enter__()
+    except UserError as err:
+        loop.record(paths, "retrain_skipped", why=f"workspace busy: {err}")
+        logger.warning("retrain skipped: %s", err)
+        return {"skipped": str(err)}
+    try:
+        loop.record(paths, "retrain_started", reason=reason, batches=names)
+        uri, name = tracking_uri(params, paths), params.promotion.registered_model
+        champion = ensure_champion(params, paths, logger)
+        summary = curate(params_path=str(paths.params), overrides=[f"ingest.batches={json.dumps(names)}"],
+                         project=str(paths.root))
+        run_id = summary["tracking"]["run_id"]
+        if run_id is None:
+            raise UserError("retrain needs MLflow tracking (tracking.enabled: true) to register the challenger")
+        challenger = registry.register(uri, name, _model_uri(uri, run_id), run_id,
+                                       {"dataopt.origin": "retrain", "dataopt.trigger": reason[:5000],
+                                        "dataopt.batches": json.dumps(names)[:5000]})
+        images, labels, digest = frozen_eval_set(paths)
+        n_classes = int(labels.max()) + 1
+        new_pred = _predict(f"models:/{name}/{challenger}", images)
+        old_pred = None if champion is None else _predict(f"models:/{name}/{champion}", images)
+        p = params.promotion
+        decision = decide_promotion(old_pred, new_pred, labels, n_classes, min_gain=p.min_gain,
+                                    max_class_drop=p.max_class_drop, n_boot=p.bootstrap,
+                                    confidence=p.confidence, random_state=params.seed)
+        registry.record_decision(uri, name, challenger, decision)
+        if decision.promote:
+            registry.promote(uri, name, challenger, decision.reason)
+        event = "promoted" if decision.promote else "rejected"
+        loop.record(paths, event, version=challenger, champion_before=champion, reason=decision.reason,
+                    numbers=decision.numbers, eval_set=digest, mlflow_run=run_id)
+        loop.record(paths, "retrain_done", batches=names, version=challenger, outcome=event)
+        logger.info("challenger version %s %s: %s", challenger, event, decision.reason)
+        return {"version": challenger, "champion_before": champion, "promoted": decision.promote,
+                "reason": decision.reason, "numbers": decision.numbers, "eval_set": digest, "run_id": run_id}
+    finally:
+        lock.__exit__(None, None, None)
