@@ -10,6 +10,8 @@ loaded: :func:`dataopt.plugins.check_methods`.
 from __future__ import annotations
 
 import copy
+import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -486,3 +488,32 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
 
     Method names are not checked here: follow with :func:`dataopt.plugins.check_methods`."""
     return validate(apply_overrides(read_yaml(path), overrides))
+
+
+def set_value_text(text: str, section: str, key: str, value: Any) -> str:
+    """``text`` (a params.yaml) with ``section.key`` set to ``value`` (flow-style YAML), editing that one
+    line so that every comment of the file stays; the key is added under the section when absent.
+    The result is validated (ConfigError when it no longer reads as params)."""
+
+    rendered = json.dumps(value) if not isinstance(value, list) else \
+        "[" + ", ".join(json.dumps(v) if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(v)) else str(v) for v in value) + "]"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if re.match(rf"{re.escape(section)}:\s*(#.*)?$", ln)), None)
+    if start is None:
+        raise ConfigError(f"params.yaml has no {section!r} section to set {section}.{key} in")
+    end = next((i for i in range(start + 1, len(lines)) if re.match(r"\S", lines[i])), len(lines))
+    pattern = re.compile(rf"^(\s+){re.escape(key)}:\s*([^#\n]*?)(\s*#.*)?$")
+    for i in range(start + 1, end):
+        m = pattern.match(lines[i].rstrip("\n"))
+        if m:
+            head, comment = f"{m.group(1)}{key}: {rendered}", (m.group(3) or "").lstrip()
+            # the column of the comments around (the line above), so the file stays aligned edit after edit
+            above = lines[i - 1].find("#") if i - 1 > start else -1
+            column = above if above > 0 else m.start(3) + len(m.group(3)) - len(comment)
+            lines[i] = (head.ljust(column - 1) + " " + comment if comment else head) + "\n"
+            break
+    else:
+        lines.insert(start + 1, f"  {key}: {rendered}\n")
+    out = "".join(lines)
+    validate(yaml.safe_load(out))
+    return out

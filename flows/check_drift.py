@@ -12,7 +12,7 @@ from dataopt import batches, loop
 from dataopt.config import load_params
 from dataopt.lock import WorkspaceLock
 from dataopt.paths import Paths
-from flows.retrain import retrain as retrain_flow
+from flows.retrain import recover, retrain as retrain_flow
 from tasks.drift import check_batch
 
 
@@ -36,6 +36,7 @@ def check_drift(batch: Optional[str] = None, project: str = ".", retrain: bool =
     overrides = [] if entry["name"] == newest else [f"drift.batch={entry['name']}"]
     params = load_params(paths.params, overrides)
     with WorkspaceLock(paths.root, f"check_drift {entry['name']}", timeout=params.schedule.lock_timeout):
+        recover(paths, logger)
         out = check_batch(params, paths, load_params(paths.params), say=logger.info)
     verdict = out["report"]["verdict"]
     logger.info("batch %s: %s", entry["name"], verdict["why"])

@@ -1,7 +1,15 @@
-"""The ``retrain`` flow: re-curate the reference plus every accepted batch with the current
-``params.yaml`` (the ``curate`` flow with ``ingest.batches`` set), register the trained model as the
-``challenger``, and promote it to ``champion`` only by the rule of ``params.yaml``'s ``promotion``
-section, judged on the frozen evaluation set.
+"""The ``retrain`` flow: re-curate the reference plus the accepted batches and the new ones with the
+current ``params.yaml``, register the trained model as the ``challenger``, and promote it to
+``champion`` only by the rule of ``params.yaml``'s ``promotion`` section, judged on the frozen
+evaluation set.
+
+The training set is declared where DVC sees it: the flow sets ``ingest.batches`` in ``params.yaml``
+(one line; comments kept) and runs the ``curate`` flow, which records every stage in ``dvc.lock``. A
+promoted challenger keeps it, so ``dvc repro`` reproduces the champion's pipeline and ``dvc status``
+stays clean. A rejected challenger is rolled back: params.yaml and dvc.lock as they were, the artifacts
+back from DVC's cache (``dvc checkout``), its new batches recorded as rejected and not tried again. A
+journal (``.dataopt/retrain.json``) makes a retrain killed midway roll back the same way when the next
+loop flow starts.
 
 The frozen evaluation set is the reference's held-out split: batches only ever add training rows, so
 it never contains training data, and its sample ids' digest is recorded with every decision. Champion
@@ -14,22 +22,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 from prefect import flow, get_run_logger
 
 from dataopt import batches, loop
-from dataopt.config import Params, load_params
+from dataopt.config import Params, load_params, set_value_text
 from dataopt.errors import UserError
 from dataopt.evaluate.compare import decide_promotion
-from dataopt.io import read_json
-from dataopt.lock import WorkspaceLock
+from dataopt.io import atomic_path, read_json, write_json
+from dataopt.lock import WorkspaceLock, process_alive
 from dataopt.paths import Paths
 from dataopt.schema import TEST
 from flows.curate import curate
 from tasks import registry
 from tasks.tracking import tracking_uri
+from tasks.versioning import checkout
 
 
 def frozen_eval_set(paths: Paths) -> tuple[np.ndarray, np.ndarray, str]:
@@ -74,13 +86,49 @@ def ensure_champion(params: Params, paths: Paths, logger: Any) -> Optional[str]:
     return version
 
 
+def _journal(paths: Paths) -> Path:
+    return paths.root / ".dataopt" / "retrain.json"
+
+
+def begin(paths: Paths) -> None:
+    """Remember what to restore if the challenger is rejected or the retrain dies: params.yaml and
+    dvc.lock as they were (the champion's pipeline; its outputs are in DVC's cache)."""
+    lock = paths.root / "dvc.lock"
+    write_json(_journal(paths), {"pid": os.getpid(), "started": time.time(), "params": paths.params.read_text(),
+                                 "dvc_lock": lock.read_text() if lock.exists() else None})
+
+
+def rollback(paths: Paths) -> None:
+    """params.yaml, dvc.lock and the artifacts back to the champion's (``dvc checkout``); idempotent."""
+    j = read_json(_journal(paths))
+    with atomic_path(paths.params) as tmp:
+        tmp.write_text(j["params"])
+    if j["dvc_lock"] is not None:
+        with atomic_path(paths.root / "dvc.lock") as tmp:
+            tmp.write_text(j["dvc_lock"])
+        checkout(paths.root)
+    _journal(paths).unlink()
+
+
+def recover(paths: Paths, logger: Any) -> bool:
+    """A retrain whose process died (``kill``, a crash) is rolled back before anything else runs."""
+    f = _journal(paths)
+    if not f.exists() or process_alive(read_json(f).get("pid", -1)) and read_json(f)["pid"] != os.getpid():
+        return False
+    rollback(paths)
+    loop.record(paths, "retrain_recovered", why="a retrain died midway: params.yaml, dvc.lock and the "
+                "artifacts were restored to the champion's")
+    logger.warning("a retrain died midway: restored params.yaml, dvc.lock and the artifacts (dvc checkout)")
+    return True
+
+
 @flow(name="retrain", log_prints=True)
 def retrain(project: str = ".", reason: str = "scheduled full retrain") -> dict[str, Any]:
-    """Re-curate with every accepted batch, train a challenger, promote it only if it is better."""
+    """Re-curate with the accepted batches plus the new ones, train a challenger, promote it only if it
+    is better; a rejected challenger's batches are not used again and its artifacts are rolled back."""
     logger = get_run_logger()
     paths = Paths.at(project)
     params = load_params(paths.params)
-    names = [e["name"] for e in batches.read_manifest(paths)]
     try:
         lock = WorkspaceLock(paths.root, "retrain", timeout=params.schedule.lock_timeout).__enter__()
     except UserError as err:
@@ -88,17 +136,24 @@ def retrain(project: str = ".", reason: str = "scheduled full retrain") -> dict[
         logger.warning("retrain skipped: %s", err)
         return {"skipped": str(err)}
     try:
-        loop.record(paths, "retrain_started", reason=reason, batches=names)
+        recover(paths, logger)
+        params = load_params(paths.params)
+        accepted = list(params.ingest.batches)
+        refused = {d["batch"] for d in loop.decisions(paths, ["batch_rejected"])}
+        new = [e["name"] for e in batches.read_manifest(paths) if e["name"] not in accepted + sorted(refused)]
         uri, name = tracking_uri(params, paths), params.promotion.registered_model
         champion = ensure_champion(params, paths, logger)
-        summary = curate(params_path=str(paths.params), overrides=[f"ingest.batches={json.dumps(names)}"],
-                         project=str(paths.root))
+        loop.record(paths, "retrain_started", reason=reason, accepted=accepted, new=new, champion=champion)
+        begin(paths)
+        with atomic_path(paths.params) as tmp:  # one line of params.yaml: every comment stays
+            tmp.write_text(set_value_text(paths.params.read_text(), "ingest", "batches", accepted + new))
+        summary = curate(params_path=str(paths.params), overrides=[], project=str(paths.root))
         run_id = summary["tracking"]["run_id"]
         if run_id is None:
             raise UserError("retrain needs MLflow tracking (tracking.enabled: true) to register the challenger")
         challenger = registry.register(uri, name, _model_uri(uri, run_id), run_id,
                                        {"dataopt.origin": "retrain", "dataopt.trigger": reason[:5000],
-                                        "dataopt.batches": json.dumps(names)[:5000]})
+                                        "dataopt.batches": json.dumps(accepted + new)[:5000]})
         images, labels, digest = frozen_eval_set(paths)
         n_classes = int(labels.max()) + 1
         new_pred = _predict(f"models:/{name}/{challenger}", images)
@@ -108,14 +163,21 @@ def retrain(project: str = ".", reason: str = "scheduled full retrain") -> dict[
                                     max_class_drop=p.max_class_drop, n_boot=p.bootstrap,
                                     confidence=p.confidence, random_state=params.seed)
         registry.record_decision(uri, name, challenger, decision)
+        event = "promoted" if decision.promote else "rejected"
         if decision.promote:
             registry.promote(uri, name, challenger, decision.reason)
-        event = "promoted" if decision.promote else "rejected"
+            _journal(paths).unlink()
+        else:  # the champion's pipeline back; these batches are not tried again
+            rollback(paths)
+            for b in new:
+                loop.record(paths, "batch_rejected", batch=b, version=challenger, why=decision.reason)
         loop.record(paths, event, version=challenger, champion_before=champion, reason=decision.reason,
-                    numbers=decision.numbers, eval_set=digest, mlflow_run=run_id)
-        loop.record(paths, "retrain_done", batches=names, version=challenger, outcome=event)
+                    numbers=decision.numbers, eval_set=digest, batches=accepted + new, mlflow_run=run_id)
+        loop.record(paths, "retrain_done", batches=accepted + new if decision.promote else accepted,
+                    version=challenger, outcome=event)
         logger.info("challenger version %s %s: %s", challenger, event, decision.reason)
         return {"version": challenger, "champion_before": champion, "promoted": decision.promote,
-                "reason": decision.reason, "numbers": decision.numbers, "eval_set": digest, "run_id": run_id}
+                "reason": decision.reason, "numbers": decision.numbers, "eval_set": digest, "run_id": run_id,
+                "new_batches": new}
     finally:
         lock.__exit__(None, None, None)

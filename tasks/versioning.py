@@ -109,3 +109,16 @@ def track_data(root: Path) -> str:
         raise UserError(f"DVC is busy in {root}: another dvc command holds .dvc/tmp/lock; the batch is "
                         "in data/ but not yet in data.dvc: run `dvc add data` when it is done") from None
     return "data.dvc updated (dvc add data)"
+
+
+def checkout(root: Path) -> None:
+    """``dvc checkout --force``: the outputs ``dvc.lock`` records, back from DVC's cache (a rejected
+    challenger's artifacts replaced by the champion's)."""
+    logging.getLogger("dvc").setLevel(logging.WARNING)
+    try:
+        with Repo(str(root)) as repo:
+            repo.checkout(force=True)
+    except LockError:
+        raise UserError(f"DVC is busy in {root}: another dvc command holds .dvc/tmp/lock") from None
+    except Exception as err:  # noqa: BLE001 - DVC raises many kinds; the user needs its message
+        raise UserError(f"dvc checkout failed in {root}: {str(err).strip() or type(err).__name__}") from None
