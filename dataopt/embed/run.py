@@ -225,9 +225,12 @@ def compute_shard(spec: dict) -> dict[str, Any]:
         return {**result, "seconds": 0.0, "skipped": True}
     emb = _fitted(spec)
     x = emb.transform(load_npy(spec["images"])[start:stop])
-    ids = lambda: pq.read_table(spec["samples"], columns=["sample_id"]).column(0).to_numpy()[start:stop]  # noqa: E731
-    save_npy(out, _float16(x, ids))
+    save_npy(out, _float16(x, lambda: _sample_ids(spec["samples"])[start:stop]))
     return {**result, "seconds": round(time.perf_counter() - t0, 4), "skipped": False}
+
+
+def _sample_ids(samples: str) -> np.ndarray:
+    return pq.read_table(samples, columns=["sample_id"]).column(0).to_numpy()
 
 
 def map_local(fn: Callable[[dict], dict], specs: Sequence[dict]) -> list[dict]:
