@@ -46,6 +46,7 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from safetensors import SafetensorError
 
 import dataopt.embed.backends  # noqa: F401  (EMBEDDERS: a shard worker process imports only this module)
 import dataopt.embed.openclip  # noqa: F401  (EMBEDDERS)
@@ -142,7 +143,7 @@ def load_embedder(path: Path, device: Optional[str] = None) -> Embedder:
     """
     try:
         arrays, meta = shardlib.load_state(Path(path))
-    except (OSError, ValueError) as exc:  # safetensors raises its own errors as ValueError subclasses
+    except (OSError, ValueError, SafetensorError) as exc:  # a JSON error in the metadata is a ValueError
         raise DataError(f"{path}: not a readable embedder file ({exc}); rerun the 'embed' stage") from None
     if meta.get("format") != EMBEDDER_FORMAT or "backend" not in meta:
         raise DataError(f"{path}: not an embedder file of this dataopt version; rerun the 'embed' stage")
@@ -224,9 +225,12 @@ def compute_shard(spec: dict) -> dict[str, Any]:
         return {**result, "seconds": 0.0, "skipped": True}
     emb = _fitted(spec)
     x = emb.transform(load_npy(spec["images"])[start:stop])
-    ids = lambda: pq.read_table(spec["samples"], columns=["sample_id"]).column(0).to_numpy()[start:stop]  # noqa: E731
-    save_npy(out, _float16(x, ids))
+    save_npy(out, _float16(x, lambda: _sample_ids(spec["samples"])[start:stop]))
     return {**result, "seconds": round(time.perf_counter() - t0, 4), "skipped": False}
+
+
+def _sample_ids(samples: str) -> np.ndarray:
+    return pq.read_table(samples, columns=["sample_id"]).column(0).to_numpy()
 
 
 def map_local(fn: Callable[[dict], dict], specs: Sequence[dict]) -> list[dict]:

@@ -90,7 +90,7 @@ def run_stage(name: str, params: Params, paths: Paths, **hooks: Any) -> dict[str
     """Run one stage, write ``artifacts/<name>/{metrics,stage}.json`` and return all its metrics.
 
     ``hooks`` are passed to the stage's ``run`` (e.g. ``map_shards`` for ``embed``: how an
-    orchestrator runs the per-shard work; see ``dataopt.stages.embed``).
+    orchestrator runs the per-shard work; see ``dataopt.embed.run``).
     """
     mod = module(name)
     art.remove_stale_temps(paths, name)  # of a killed earlier run: every artifact is old or new
