@@ -312,6 +312,16 @@ class DriftParams(Section):
     batch: Optional[str] = None  # the batch the drift stage checks; null: the newest in data/manifest.json
 
 
+class PromotionParams(Section):
+    """The champion/challenger rule of a retrain (dataopt/evaluate/compare.py) and the registry name."""
+
+    min_gain: float = Field(0.0, ge=-1.0, le=1.0)  # least accuracy gain over the champion to promote
+    max_class_drop: float = Field(0.05, ge=0.0, le=1.0)  # largest accuracy loss allowed in any one class
+    bootstrap: int = Field(2000, ge=100)  # paired bootstrap draws of the gain's interval
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)  # of that interval; its low end must be above 0
+    registered_model: str = Field("dataopt", min_length=1)  # MLflow registered model name
+
+
 class Params(Section):
     """The whole of ``params.yaml``."""
 
@@ -326,6 +336,7 @@ class Params(Section):
     tracking: TrackingParams = TrackingParams()
     orchestration: OrchestrationParams = OrchestrationParams()
     drift: DriftParams = DriftParams()
+    promotion: PromotionParams = PromotionParams()
 
     def section(self, name: str) -> dict[str, Any]:
         return getattr(self, name).model_dump(mode="json")
