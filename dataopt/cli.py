@@ -24,6 +24,7 @@ from dataopt.errors import DataWarning, UserError
 from dataopt.artifacts import dvc_yaml
 from dataopt.batches import ensure_data
 from dataopt.cli_data import add_commands as add_data_commands
+from dataopt.cli_models import add_commands as add_models_commands
 from dataopt.io import atomic_path
 from dataopt.lock import WorkspaceLock, describe
 from dataopt.paths import Paths, check_sources
@@ -37,6 +38,7 @@ examples:
   dataopt ui --port 5000                       # MLflow UI on http://127.0.0.1:5000
   dataopt batch add --demo corrupted           # new data as a versioned batch (data/batches/, data.dvc)
   dataopt drift                                # check the newest batch against the reference
+  dataopt models                               # registered model versions, champion, decisions
   dvc repro                                    # the same chain through DVC
   dvc exp run -S optimize.ratio=0.5            # a DVC experiment
 """
@@ -146,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     p.set_defaults(func=cmd_ui)
     add_data_commands(sub, common, _set_option, fmt, _load, _locked, _note_stale)
+    add_models_commands(sub, common, _set_option, fmt, _locate)
     return parser
 
 

@@ -108,7 +108,7 @@ def decide_promotion(champion_pred: Optional[np.ndarray], challenger_pred: np.nd
     if worst_drop > max_class_drop:
         failed.append(f"class {names[worst]!r} drops by {worst_drop:.4f} > max_class_drop {max_class_drop:g}")
     if failed:
-        return Promotion(False, f"rejected: {head}: " + "; ".join(failed), numbers)
+        return Promotion(False, f"rejected: {'; '.join(failed)}: {head}", numbers)
     where = f" (class {names[worst]!r})" if worst is not None and worst_drop > 0 else ""
     return Promotion(True, f"promoted: {head}; worst class drop {max(worst_drop, 0.0):.4f}{where} "
                            f"<= {max_class_drop:g}", numbers)
