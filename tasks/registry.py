@@ -133,6 +133,16 @@ def champion(tracking_uri: str, name: str) -> Optional[int]:
         return None
 
 
+def load(tracking_uri: str, name: str, ref: int | str = CHAMPION) -> Any:
+    """The pyfunc model of version or alias ``ref`` of ``name`` (``models:/<name>@champion`` by default),
+    resolved in this store (MLflow resolves ``models:/`` URIs through the global tracking URI)."""
+    import mlflow.pyfunc
+
+    ref = str(ref)
+    with _use_tracking_uri(tracking_uri):
+        return mlflow.pyfunc.load_model(f"models:/{name}/{ref}" if ref.isdigit() else f"models:/{name}@{ref}")
+
+
 def _row(mv: Any, aliases: dict[str, int]) -> dict[str, Any]:
     tags = dict(mv.tags or {})
     accuracy = tags.get(ACCURACY)

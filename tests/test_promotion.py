@@ -80,7 +80,12 @@ def test_better_overall_but_one_class_collapses_is_rejected_naming_it():
     assert p.numbers["delta"] > 0.1 and p.numbers["delta_low"] > 0
     assert not p.promote
     assert p.numbers["worst_class"] == "d3" and p.numbers["worst_class_drop"] > 0.2
-    assert "class 'd3' drops by" in p.reason and "max_class_drop 0.05" in p.reason
+    assert p.numbers["worst_class_rows"] == len(cls3)
+    assert f"class 'd3' drops by {p.numbers['worst_class_drop']:.4f} ({len(cls3)} rows) > max_class_drop 0.05" in p.reason
+    with pytest.raises(ValueError, match="champion_pred has 2999 rows"):
+        decide_promotion(old[1:], new, y, 10, **RULE)
+    with pytest.raises(ValueError, match=r"outside \[0, 5\)"):
+        decide_promotion(old, new, y, 5, **RULE)
 
 
 def test_no_champion_yet_promotes():

@@ -51,12 +51,10 @@ def store(tmp_path_factory):
     return {"uri": uri, "runs": runs, "root": root}
 
 
-def predicts(uri: str, model_uri: str) -> int:
-    mlflow.set_tracking_uri(uri)
-    try:
-        return mlflow.pyfunc.load_model(model_uri).predict(np.zeros((1, 1)))[0]
-    finally:
-        mlflow.set_tracking_uri(None)
+def predicts(uri: str, name: str, ref="champion") -> int:
+    from tasks.registry import load
+
+    return load(uri, name, ref).predict(np.zeros((1, 1)))[0]
 
 
 def register_all(store, name: str, n: int = 3) -> list[int]:
@@ -91,12 +89,12 @@ def test_register_promote_reject_rollback(store, tmp_path, monkeypatch):
                              n_boot=100, confidence=0.95, random_state=0)
     registry.record_decision(uri, name, v1, first)
     assert registry.champion(uri, name) == 1
-    assert predicts(uri, f"models:/{name}@champion") == 1
+    assert predicts(uri, name) == 1
 
     # v2 better -> promoted, with its numbers and the champion it replaced
     registry.record_decision(uri, name, v2, promotion(True))
     assert registry.champion(uri, name) == 2
-    assert predicts(uri, f"models:/{name}@champion") == 2
+    assert predicts(uri, name) == 2
     r2 = registry.show(uri, name, "champion")
     assert r2["version"] == 2 and r2["decision"] == "promoted" and r2["reason"].startswith("promoted: accuracy")
     assert r2["tags"]["dataopt.previous_champion"] == "1" and r2["tags"]["dataopt.decided_by"] == "rule"
@@ -107,11 +105,11 @@ def test_register_promote_reject_rollback(store, tmp_path, monkeypatch):
     assert registry.champion(uri, name) == 2
     r3 = registry.show(uri, name, 3)
     assert r3["decision"] == "rejected" and r3["reason"].startswith("rejected:") and r3["aliases"] == ["challenger"]
-    assert predicts(uri, f"models:/{name}@champion") == 2
+    assert predicts(uri, name) == 2
 
     # rollback: back to the champion v2 replaced, recorded on both
     assert registry.rollback(uri, name, reason="v2 fails in production") == (2, 1)
-    assert registry.champion(uri, name) == 1 and predicts(uri, f"models:/{name}@champion") == 1
+    assert registry.champion(uri, name) == 1 and predicts(uri, name) == 1
     rows = {r["version"]: r for r in registry.versions(uri, name)}
     assert rows[2]["decision"] == "rolled_back" and "v2 fails in production" in rows[2]["reason"]
     assert rows[1]["decision"] == "promoted" and "rollback from version 2" in rows[1]["reason"]
@@ -119,7 +117,7 @@ def test_register_promote_reject_rollback(store, tmp_path, monkeypatch):
     with pytest.raises(registry.RegistryError, match="replaced no earlier champion"):
         registry.rollback(uri, name)
     assert registry.rollback(uri, name, to=3, reason="try v3") == (1, 3)
-    assert registry.champion(uri, name) == 3
+    assert registry.champion(uri, name) == 3 and predicts(uri, name) == 3 and predicts(uri, name, 2) == 2
     with pytest.raises(registry.RegistryError, match="has no version 9 .versions: 1, 2, 3."):
         registry.promote(uri, name, 9, "x")
     with pytest.raises(registry.RegistryError, match="already the champion"):

@@ -80,14 +80,20 @@ def decide_promotion(champion_pred: Optional[np.ndarray], challenger_pred: np.nd
     ``labels``; ``champion_pred=None`` (no champion yet) promotes. ``class_names`` name the classes
     in the reason (default: their indices).
     """
-    y = np.asarray(labels, np.int64)
-    new = np.asarray(challenger_pred, np.int64)
+    y = np.asarray(labels, np.int64).ravel()
+    new = np.asarray(challenger_pred, np.int64).ravel()
+    for what, a in (("labels", y), ("challenger_pred", new)) + (
+            (("champion_pred", np.asarray(champion_pred, np.int64).ravel()),) if champion_pred is not None else ()):
+        if a.size != y.size:
+            raise ValueError(f"{what} has {a.size} rows, labels {y.size}: predictions on the same rows")
+        if a.size and (a.min() < 0 or a.max() >= n_classes):
+            raise ValueError(f"{what} holds values outside [0, {n_classes})")
     names = [str(c) for c in (class_names if class_names is not None else range(n_classes))]
     acc_new = float(np.mean(new == y)) if y.size else float("nan")
     if champion_pred is None:
         return Promotion(True, f"promoted: no champion yet (challenger accuracy {acc_new:.4f} on {y.size} rows)",
                          {"accuracy": acc_new, "n_rows": int(y.size)})
-    old = np.asarray(champion_pred, np.int64)
+    old = np.asarray(champion_pred, np.int64).ravel()
     delta, low, high = paired_bootstrap(old == y, new == y, n_boot, confidence, random_state)
     acc_old = float(np.mean(old == y))
     drop = per_class_accuracy(old, y, n_classes) - per_class_accuracy(new, y, n_classes)
@@ -96,6 +102,7 @@ def decide_promotion(champion_pred: Optional[np.ndarray], challenger_pred: np.nd
     numbers = {"accuracy": acc_new, "champion_accuracy": acc_old, "delta": delta, "delta_low": low,
                "delta_high": high, "confidence": confidence, "n_boot": int(n_boot), "n_rows": int(y.size),
                "worst_class": names[worst] if worst is not None else None, "worst_class_drop": worst_drop,
+               "worst_class_rows": int(np.count_nonzero(y == worst)) if worst is not None else 0,
                "min_gain": min_gain, "max_class_drop": max_class_drop}
     pct = f"{confidence:.0%}"
     head = (f"accuracy {acc_new:.4f} vs champion {acc_old:.4f} ({delta:+.4f}, {pct} interval "
@@ -106,7 +113,8 @@ def decide_promotion(champion_pred: Optional[np.ndarray], challenger_pred: np.nd
     if not low > 0.0:
         failed.append(f"the {pct} interval's low end {low:+.4f} is not above 0")
     if worst_drop > max_class_drop:
-        failed.append(f"class {names[worst]!r} drops by {worst_drop:.4f} > max_class_drop {max_class_drop:g}")
+        failed.append(f"class {names[worst]!r} drops by {worst_drop:.4f} ({numbers['worst_class_rows']} rows) "
+                      f"> max_class_drop {max_class_drop:g}")
     if failed:
         return Promotion(False, f"rejected: {'; '.join(failed)}: {head}", numbers)
     where = f" (class {names[worst]!r})" if worst is not None and worst_drop > 0 else ""
