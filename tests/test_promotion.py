@@ -125,3 +125,17 @@ def test_bootstrap_is_vectorised():
     decide_promotion(y, np.where(a, y, (y + 1) % 10), y, 10, **RULE)
     assert time.perf_counter() - t0 < 1.0
     print(f"paired_bootstrap 10k rows x 2000 draws: {seconds * 1000:.2f} ms")
+
+
+def test_class_drop_at_the_limit_is_allowed():
+    """One error more in a class of 20 rows is a drop of exactly 0.05: allowed at max_class_drop 0.05,
+    rejected just below it."""
+    y = np.repeat(np.arange(2), 20)
+    old = y.copy()
+    new = y.copy()
+    new[0] = 1  # class 0: 20/20 -> 19/20
+    p = decide_promotion(old, new, y, 2, **{**RULE, "min_gain": -1.0})
+    assert p.numbers["worst_class_drop"] == 0.05 and p.numbers["worst_class"] == "0"
+    assert "drops by" not in p.reason
+    q = decide_promotion(old, new, y, 2, **{**RULE, "min_gain": -1.0, "max_class_drop": 0.049})
+    assert "class '0' drops by 0.0500 (20 rows) > max_class_drop 0.049" in q.reason
