@@ -321,6 +321,11 @@ class PromotionParams(Section):
     confidence: float = Field(0.95, gt=0.0, lt=1.0)  # of that interval; its low end must be above 0
     registered_model: str = Field("dataopt", min_length=1)  # MLflow registered model name
 
+    def rule(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`dataopt.evaluate.compare.decide_promotion` (seed aside)."""
+        return {"min_gain": self.min_gain, "max_class_drop": self.max_class_drop, "n_boot": self.bootstrap,
+                "confidence": self.confidence}
+
 
 class Params(Section):
     """The whole of ``params.yaml``."""

@@ -88,6 +88,14 @@ def test_better_overall_but_one_class_collapses_is_rejected_naming_it():
         decide_promotion(old, new, y, 5, **RULE)
 
 
+def test_params_rule_is_the_default_rule():
+    from dataopt.config import Params
+
+    assert {**Params().promotion.rule(), "random_state": 0} == RULE
+    y, old = labels_and_pred(500, 10, 0.8, seed=3)
+    assert decide_promotion(old, y, y, 10, **Params().promotion.rule(), random_state=0).promote
+
+
 def test_no_champion_yet_promotes():
     y, pred = labels_and_pred(100, 3, 0.5, seed=0)
     p = decide_promotion(None, pred, y, 3, **RULE)
