@@ -26,6 +26,7 @@ from dataopt.batches import ensure_data
 from dataopt.cli_data import add_commands as add_data_commands
 from dataopt.cli_service import add_commands as add_service_commands
 from dataopt.cli_service import use_servers
+from dataopt.cli_models import add_commands as add_models_commands
 from dataopt.io import atomic_path
 from dataopt.lock import WorkspaceLock, describe
 from dataopt.paths import Paths, check_sources
@@ -39,6 +40,7 @@ examples:
   dataopt ui --port 5000                       # MLflow UI on http://127.0.0.1:5000
   dataopt batch add --demo corrupted           # new data as a versioned batch (data/batches/, data.dvc)
   dataopt drift                                # check the newest batch against the reference
+  dataopt models                               # registered model versions, champion, decisions
   dvc repro                                    # the same chain through DVC
   dvc exp run -S optimize.ratio=0.5            # a DVC experiment
 """
@@ -149,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ui)
     add_data_commands(sub, common, _set_option, fmt, _load, _locked, _note_stale)
     add_service_commands(sub, common, fmt, _load)
+    add_models_commands(sub, common, _set_option, fmt, _locate)
     return parser
 
 

@@ -328,6 +328,21 @@ class DriftParams(Section):
     batch: Optional[str] = None  # the batch the drift stage checks; null: the newest in data/manifest.json
 
 
+class PromotionParams(Section):
+    """The champion/challenger rule of a retrain (dataopt/evaluate/compare.py) and the registry name."""
+
+    min_gain: float = Field(0.0, ge=-1.0, le=1.0)  # least accuracy gain over the champion to promote
+    max_class_drop: float = Field(0.05, ge=0.0, le=1.0)  # largest accuracy loss allowed in any one class
+    bootstrap: int = Field(2000, ge=100)  # paired bootstrap draws of the gain's interval
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)  # of that interval; its low end must be above 0
+    registered_model: str = Field("dataopt", min_length=1)  # MLflow registered model name
+
+    def rule(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`dataopt.evaluate.compare.decide_promotion` (seed aside)."""
+        return {"min_gain": self.min_gain, "max_class_drop": self.max_class_drop, "n_boot": self.bootstrap,
+                "confidence": self.confidence}
+
+
 class Params(Section):
     """The whole of ``params.yaml``."""
 
@@ -343,6 +358,7 @@ class Params(Section):
     orchestration: OrchestrationParams = OrchestrationParams()
     drift: DriftParams = DriftParams()
     schedule: ScheduleParams = ScheduleParams()
+    promotion: PromotionParams = PromotionParams()
 
     def section(self, name: str) -> dict[str, Any]:
         return getattr(self, name).model_dump(mode="json")

@@ -56,10 +56,8 @@ def frozen_eval_set(paths: Paths) -> tuple[np.ndarray, np.ndarray, str]:
     return np.asarray(images[rows]), samples["label"].to_numpy()[rows], hashlib.sha256(ids.tobytes()).hexdigest()
 
 
-def _predict(model_uri: str, images: np.ndarray) -> np.ndarray:
-    import mlflow.pyfunc
-
-    return np.asarray(mlflow.pyfunc.load_model(model_uri).predict(images)).argmax(1)
+def _predict(uri: str, name: str, version: int, images: np.ndarray) -> np.ndarray:
+    return np.asarray(registry.load(uri, name, version).predict(images)).argmax(1)
 
 
 def _model_uri(uri: str, run_id: str) -> str:
@@ -156,16 +154,13 @@ def retrain(project: str = ".", reason: str = "scheduled full retrain") -> dict[
                                         "dataopt.batches": json.dumps(accepted + new)[:5000]})
         images, labels, digest = frozen_eval_set(paths)
         n_classes = int(labels.max()) + 1
-        new_pred = _predict(f"models:/{name}/{challenger}", images)
-        old_pred = None if champion is None else _predict(f"models:/{name}/{champion}", images)
-        p = params.promotion
-        decision = decide_promotion(old_pred, new_pred, labels, n_classes, min_gain=p.min_gain,
-                                    max_class_drop=p.max_class_drop, n_boot=p.bootstrap,
-                                    confidence=p.confidence, random_state=params.seed)
-        registry.record_decision(uri, name, challenger, decision)
+        new_pred = _predict(uri, name, challenger, images)
+        old_pred = None if champion is None else _predict(uri, name, champion, images)
+        decision = decide_promotion(old_pred, new_pred, labels, n_classes, **params.promotion.rule(),
+                                    random_state=params.seed)
+        registry.record_decision(uri, name, challenger, decision)  # and moves `champion` when promoted
         event = "promoted" if decision.promote else "rejected"
         if decision.promote:
-            registry.promote(uri, name, challenger, decision.reason)
             _journal(paths).unlink()
         else:  # the champion's pipeline back; these batches are not tried again
             rollback(paths)

@@ -29,7 +29,7 @@ def _run(argv, capsys):
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["stage"], ["track"], ["ui"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["stage"], ["track"], ["ui"], ["models"]])
 def test_help_has_examples(command, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(command + ["--help"])

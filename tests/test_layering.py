@@ -33,7 +33,7 @@ SCHEMA_LAYER = ("dataopt.config", "dataopt.paths", "dataopt.io", "dataopt.schema
 FAMILIES = ("dataopt.ingest", "dataopt.embed", "dataopt.perceive", "dataopt.analyze", "dataopt.drift",
             "dataopt.optimize", "dataopt.train", "dataopt.evaluate", "dataopt.demo")
 ORCHESTRATION = ("prefect", "prefect_dask", "dvc", "mlflow")
-CLI = ("dataopt.cli", "dataopt.cli_data", "dataopt.cli_service", "dataopt.cli_models")  # the command and its batch / drift sub-commands
+CLI = ("dataopt.cli", "dataopt.cli_data", "dataopt.cli_service", "dataopt.cli_models")  # the command; batch / drift, server / serve, models
 
 # layer: who (a module, or a package and everything in it) | what of dataopt it may import (None:
 # anything the last column does not forbid) | what it never imports (at any level, even in a function)
