@@ -167,3 +167,23 @@ def test_dataopt_creates_data_folder(tmp_path):
     _params_file(tmp_path)
     assert main(["batch", "list", "--project", str(tmp_path)]) == 0
     assert (tmp_path / "data").is_dir()
+
+
+def test_perceive_reads_duplicates_of_large_sample_ids(project, tmp_path):
+    """A batch of images the reference already has: every row's duplicate_of is a 64-bit sample id
+    (found by the retrain flow: perceive cast them to float64 with overflow checks and failed)."""
+    from dataopt.stages import run_stage
+
+    add_batch(project, demo_batch_file(tmp_path), "copy", IngestParams(), 0,
+              {"id_column": "id", "label_name_column": None})
+    params = Params.model_validate({"ingest": {"batches": ["copy"]}, "perceive": {"epochs": 1, "early_epochs": 1, "folds": 2}})
+    for name in ("ingest", "embed", "perceive"):
+        run_stage(name, params, project)
+    corpus = json.loads((project.artifacts / "perceive" / "corpus.json").read_text())
+    assert corpus["duplicate_rate"] > 0.1
+
+
+def demo_batch_file(tmp_path: Path) -> Path:
+    from dataopt.demo import demo_batch
+
+    return demo_batch("clean", tmp_path / "clean.parquet", rows=300)

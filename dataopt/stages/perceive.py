@@ -73,8 +73,9 @@ def _optional_int_column(paths: Paths, name: str, rows: np.ndarray) -> np.ndarra
     None when the column is absent."""
     if name not in art.read_schema(paths, "ingest/samples.parquet").names:
         return None
-    col = art.read_table(paths, "ingest/samples.parquet", [name]).column(0).cast(pa.float64())
-    return col.to_numpy(zero_copy_only=False)[rows]  # nulls become NaN
+    col = art.read_table(paths, "ingest/samples.parquet", [name]).column(0)
+    # nulls become NaN; unsafe: a sample id (duplicate_of) above 2**53 only needs to stay non-null here
+    return col.cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False)[rows]
 
 
 # ----------------------------------------------------------------------------- running
