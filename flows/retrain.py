@@ -31,6 +31,7 @@ import numpy as np
 from prefect import flow, get_run_logger
 
 from dataopt import batches, loop
+from dataopt.artifacts import ARTIFACTS
 from dataopt.config import Params, load_params, set_value_text
 from dataopt.errors import UserError
 from dataopt.evaluate.compare import decide_promotion
@@ -84,6 +85,11 @@ def ensure_champion(params: Params, paths: Paths, logger: Any) -> Optional[str]:
     return version
 
 
+# outputs dvc.yaml declares with cache: false (metrics, the track stage's run.json): a rollback restores
+# them from the journal, `dvc checkout` restores the rest
+UNCACHED = (*(p for p, a in ARTIFACTS.items() if a.role == "metric"), "track/run.json")
+
+
 def _journal(paths: Paths) -> Path:
     return paths.root / ".dataopt" / "retrain.json"
 
@@ -92,8 +98,9 @@ def begin(paths: Paths) -> None:
     """Remember what to restore if the challenger is rejected or the retrain dies: params.yaml and
     dvc.lock as they were (the champion's pipeline; its outputs are in DVC's cache)."""
     lock = paths.root / "dvc.lock"
+    uncached = {rel: (paths.artifacts / rel).read_text() for rel in UNCACHED if (paths.artifacts / rel).exists()}
     write_json(_journal(paths), {"pid": os.getpid(), "started": time.time(), "params": paths.params.read_text(),
-                                 "dvc_lock": lock.read_text() if lock.exists() else None})
+                                 "dvc_lock": lock.read_text() if lock.exists() else None, "uncached": uncached})
 
 
 def rollback(paths: Paths) -> None:
@@ -105,6 +112,9 @@ def rollback(paths: Paths) -> None:
         with atomic_path(paths.root / "dvc.lock") as tmp:
             tmp.write_text(j["dvc_lock"])
         checkout(paths.root)
+    for rel, text in j.get("uncached", {}).items():  # DVC keeps no copy of these (cache: false)
+        with atomic_path(paths.artifacts / rel) as tmp:
+            tmp.write_text(text)
     _journal(paths).unlink()
 
 

@@ -14,7 +14,8 @@ from dataopt.config import Params
 from dataopt.io import read_json
 from dataopt.paths import Paths
 from dataopt.stages import run_stage
-from tasks.tracking import log_drift
+from dataopt.artifacts import ORDER
+from tasks.tracking import log_drift, log_run
 from tasks.versioning import StageCache, differs
 
 STAGES = ("ingest", "embed", "drift")
@@ -41,6 +42,12 @@ def check_batch(params: Params, paths: Paths, project_params: Optional[Params],
             ran.append(name)
             if cache is not None and not tainted:
                 cache.commit(name)
+        # a rerun reference stage (new data/ made ingest stale) is a pipeline execution: when the rest of
+        # the chain is current, log it as one (the `track` stage) so that `dvc status` stays clean
+        if cache is not None and not tainted and set(ran) - {"drift"} and cache.stale("track") \
+                and not any(cache.stale(n) for n in ORDER):
+            log_run(params, paths, entry="drift")
+            cache.commit("track")
     finally:
         if cache is not None:
             cache.close()
