@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
+from dataopt.cli_service import use_servers
 from dataopt.config import load_params
 from dataopt.errors import UserError
 from dataopt.paths import Paths
@@ -68,6 +69,7 @@ def _registry(args: argparse.Namespace, locate: Callable) -> tuple[Any, str, str
     """``(tasks.registry, tracking URI, registered model name)`` for this project; only the params
     schema is checked (no plug-ins: these commands train nothing)."""
     root, params_file = locate(args)
+    use_servers(root)  # through the project's MLflow server when `dataopt server start` runs one
     params = load_params(params_file, getattr(args, "overrides", None))
     from tasks import registry  # why: MLflow, only for these commands
     from tasks.tracking import tracking_uri  # why: MLflow, only for these commands
