@@ -445,3 +445,22 @@ def dvc_stages() -> dict[str, Any]:
 
 def dvc_yaml() -> str:
     return DVC_HEADER + yaml.safe_dump(dvc_stages(), sort_keys=False, width=110)
+
+
+def batch_summary(paths: Paths, sample_id: Any, **columns: Any) -> dict[str, dict[str, float]]:
+    """Per batch of origin (samples.parquet's ``batch``: "reference" or a batch name) of the rows
+    ``sample_id``: their count and, per named column (bool or float array aligned with
+    ``sample_id``), the sum and the mean. Empty when samples.parquet has no ``batch`` column."""
+    if "batch" not in read_schema(paths, "ingest/samples.parquet").names:
+        return {}
+    s = read_table(paths, "ingest/samples.parquet", ["sample_id", "batch"]).to_pandas()
+    origin = s.set_index("sample_id")["batch"].reindex(np.asarray(sample_id)).to_numpy()
+    out: dict[str, dict[str, float]] = {}
+    for b in dict.fromkeys(origin.tolist()):
+        rows = origin == b
+        entry: dict[str, float] = {"n": int(rows.sum())}
+        for name, values in columns.items():
+            v = np.asarray(values, dtype=np.float64)[rows]
+            entry[f"{name}_sum"], entry[f"{name}_mean"] = float(v.sum()), float(v.mean()) if len(v) else 0.0
+        out[str(b)] = entry
+    return out

@@ -157,6 +157,7 @@ def write_signals_project(root, n_train=300, n_test=60, n_classes=4, dim=16, noi
         "source": [f"img/{i}.png" for i in range(n)], "source_id": [""] * n,
         "orig_height": np.full(n, 8), "orig_width": np.full(n, 8), "orig_mode": ["RGB"] * n,
         "note": [""] * n, "content_hash": [f"h{i}" for i in range(n)], "duplicate_of": [None] * n,
+        "batch": ["reference"] * n,
     }
     paths = Paths.at(root)
     write_parquet(paths.stage("ingest") / "samples.parquet", arrow_table(SAMPLES_COLUMNS, samples))

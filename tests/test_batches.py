@@ -169,7 +169,7 @@ def test_dataopt_creates_data_folder(tmp_path):
     assert (tmp_path / "data").is_dir()
 
 
-def test_perceive_reads_duplicates_of_large_sample_ids(project, tmp_path):
+def test_a_batch_of_known_images_runs_through_the_chain_with_its_provenance(project, tmp_path):
     """A batch of images the reference already has: every row's duplicate_of is a 64-bit sample id
     (found by the retrain flow: perceive cast them to float64 with overflow checks and failed)."""
     from dataopt.stages import run_stage
@@ -177,10 +177,15 @@ def test_perceive_reads_duplicates_of_large_sample_ids(project, tmp_path):
     add_batch(project, demo_batch_file(tmp_path), "copy", IngestParams(), 0,
               {"id_column": "id", "label_name_column": None})
     params = Params.model_validate({"ingest": {"batches": ["copy"]}, "perceive": {"epochs": 1, "early_epochs": 1, "folds": 2}})
-    for name in ("ingest", "embed", "perceive"):
+    for name in ("ingest", "embed", "perceive", "analyze", "optimize"):
         run_stage(name, params, project)
     corpus = json.loads((project.artifacts / "perceive" / "corpus.json").read_text())
     assert corpus["duplicate_rate"] > 0.1
+    # provenance: flags and plan decisions per batch of origin
+    flags = json.loads((project.artifacts / "analyze" / "analysis.json").read_text())["by_batch"]
+    plan = json.loads((project.artifacts / "optimize" / "plan.json").read_text())["by_batch"]
+    assert set(flags) == set(plan) == {"reference", "copy"} and plan["copy"]["n"] == 300
+    assert 0 <= flags["copy"]["label_issue_mean"] <= 1 and plan["copy"]["kept_sum"] <= 300
 
 
 def demo_batch_file(tmp_path: Path) -> Path:

@@ -70,5 +70,7 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     res = analyze(**_read(params, paths), cfg=params.analyze, seed=params.seed)
     art.write_table(paths, "analyze/analysis.parquet", res.table)
     write_plots(res, art.out_dir(paths, "analyze/plots"))
-    art.write_json(paths, "analyze/analysis.json", res.summary)
+    ids = res.table["sample_id"].to_numpy()  # provenance: flags per batch of origin
+    flags = {"label_issue": res.table["is_label_issue"].to_numpy()}
+    art.write_json(paths, "analyze/analysis.json", {**res.summary, "by_batch": art.batch_summary(paths, ids, **flags)})
     return res.metrics

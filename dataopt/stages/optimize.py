@@ -105,5 +105,8 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     inputs, ids, labels = _inputs(paths)
     res = optimize(params.optimize, inputs, ids, labels, params.seed)
     art.write_table(paths, "optimize/plan.parquet", res.table)
-    art.write_json(paths, "optimize/plan.json", res.summary)
+    t = res.table.to_pandas()  # provenance: what the plan does to each batch of origin (rows: ids)
+    by_batch = art.batch_summary(paths, t["sample_id"].to_numpy(), kept=t["keep"].to_numpy(),
+                                 weight=t["weight"].to_numpy(), relabelled=(t["new_label"] != labels).to_numpy())
+    art.write_json(paths, "optimize/plan.json", {**res.summary, "by_batch": by_batch})
     return res.metrics
