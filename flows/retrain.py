@@ -70,6 +70,20 @@ def _model_uri(uri: str, run_id: str) -> str:
     return tags["dataopt.model_uri"]
 
 
+def curated(paths: Paths, names: list[str]) -> dict[str, str]:
+    """What the curation did to each new batch (``analysis.json`` / ``plan.json``'s ``by_batch``): one line
+    per batch, e.g. "289 of 400 rows kept, 52 flagged as label issues, mean weight 0.71"."""
+    flags = read_json(paths.artifacts / "analyze" / "analysis.json").get("by_batch", {})
+    plan = read_json(paths.artifacts / "optimize" / "plan.json").get("by_batch", {})
+    out = {}
+    for b in names:
+        p, f = plan.get(b), flags.get(b, {})
+        if p:
+            out[b] = (f"{int(p['kept_sum'])} of {p['n']} rows kept, {int(f.get('label_issue_sum', 0))} flagged as "
+                      f"label issues, {int(p['relabelled_sum'])} relabelled, mean weight {p['weight_mean']:.2f}")
+    return out
+
+
 def ensure_champion(params: Params, paths: Paths, logger: Any) -> Optional[str]:
     """The champion's version; with none yet, the model of the last `dataopt run` becomes it."""
     uri, name = tracking_uri(params, paths), params.promotion.registered_model
@@ -162,6 +176,7 @@ def retrain(project: str = ".", reason: str = "scheduled full retrain") -> dict[
         challenger = registry.register(uri, name, _model_uri(uri, run_id), run_id,
                                        {"dataopt.origin": "retrain", "dataopt.trigger": reason[:5000],
                                         "dataopt.batches": json.dumps(accepted + new)[:5000]})
+        curation = curated(paths, new)
         images, labels, digest = frozen_eval_set(paths)
         n_classes = int(labels.max()) + 1
         new_pred = _predict(uri, name, challenger, images)
@@ -177,11 +192,13 @@ def retrain(project: str = ".", reason: str = "scheduled full retrain") -> dict[
             for b in new:
                 loop.record(paths, "batch_rejected", batch=b, version=challenger, why=decision.reason)
         loop.record(paths, event, version=challenger, champion_before=champion, reason=decision.reason,
-                    numbers=decision.numbers, eval_set=digest, batches=accepted + new, mlflow_run=run_id)
+                    numbers=decision.numbers, eval_set=digest, batches=accepted + new, curation=curation,
+                    mlflow_run=run_id)
         loop.record(paths, "retrain_done", batches=accepted + new if decision.promote else accepted,
                     version=challenger, outcome=event)
-        logger.info("challenger version %s %s: %s", challenger, event, decision.reason)
-        return {"version": challenger, "champion_before": champion, "promoted": decision.promote,
+        logger.info("challenger version %s %s: %s; curation: %s", challenger, event, decision.reason,
+                    "; ".join(curation.values()) or "no new batch")
+        return {"curation": curation, "version": challenger, "champion_before": champion, "promoted": decision.promote,
                 "reason": decision.reason, "numbers": decision.numbers, "eval_set": digest, "run_id": run_id,
                 "new_batches": new}
     finally:
