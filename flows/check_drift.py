@@ -14,6 +14,7 @@ from dataopt.lock import WorkspaceLock
 from dataopt.paths import Paths
 from flows.retrain import recover, retrain as retrain_flow
 from tasks.drift import check_batch
+from tasks.tracking import flow_run, tag_run
 
 
 def new_rows_since_training(paths: Paths) -> tuple[int, Optional[float]]:
@@ -26,8 +27,10 @@ def new_rows_since_training(paths: Paths) -> tuple[int, Optional[float]]:
 
 
 @flow(name="check_drift", log_prints=True)
-def check_drift(batch: Optional[str] = None, project: str = ".", retrain: bool = True) -> dict[str, Any]:
-    """Check ``batch`` (default: the newest) and start ``retrain`` when a trigger fires."""
+def check_drift(batch: Optional[str] = None, project: str = ".", retrain: bool = True,
+                parent_run_id: Optional[str] = None) -> dict[str, Any]:
+    """Check ``batch`` (default: the newest) and start ``retrain`` when a trigger fires. One MLflow
+    parent run: the drift check (and the retrain's pipeline run) are nested under it."""
     logger = get_run_logger()
     paths = Paths.at(project)
     params = load_params(paths.params)
@@ -35,21 +38,25 @@ def check_drift(batch: Optional[str] = None, project: str = ".", retrain: bool =
     newest = batches.read_manifest(paths)[-1]["name"]
     overrides = [] if entry["name"] == newest else [f"drift.batch={entry['name']}"]
     params = load_params(paths.params, overrides)
-    with WorkspaceLock(paths.root, f"check_drift {entry['name']}", timeout=params.schedule.lock_timeout):
-        recover(paths, logger)
-        out = check_batch(params, paths, load_params(paths.params), say=logger.info)
-    verdict = out["report"]["verdict"]
-    logger.info("batch %s: %s", entry["name"], verdict["why"])
-    rows, hours = new_rows_since_training(paths)
-    s = params.schedule
-    reason = loop.retrain_reason(s.triggers, verdict["drift"], rows, hours, s.min_new_rows, s.max_age_hours)
-    result: dict[str, Any] = {"batch": entry["name"], "drift": verdict["drift"], "why": verdict["why"],
-                              "retrain": None}
-    if reason is None:
-        why = f"no trigger fired (schedule.triggers={s.triggers}; {rows} untrained rows)"
-        loop.record(paths, "retrain_skipped", batch=entry["name"], why=why)
-        logger.info("no retrain: %s", why)
-    elif retrain:
-        logger.info("retrain: %s", reason)
-        result["retrain"] = retrain_flow(project=str(paths.root), reason=f"batch {entry['name']}: {reason}")
+    with flow_run(params, paths, "check_drift", parent_run_id, **{"dataopt.batch": entry["name"]}) as run_id:
+        with WorkspaceLock(paths.root, f"check_drift {entry['name']}", timeout=params.schedule.lock_timeout):
+            recover(paths, logger)
+            out = check_batch(params, paths, load_params(paths.params), say=logger.info, parent_run_id=run_id)
+        verdict = out["report"]["verdict"]
+        logger.info("batch %s: %s", entry["name"], verdict["why"])
+        rows, hours = new_rows_since_training(paths)
+        s = params.schedule
+        reason = loop.retrain_reason(s.triggers, verdict["drift"], rows, hours, s.min_new_rows, s.max_age_hours)
+        result: dict[str, Any] = {"batch": entry["name"], "drift": verdict["drift"], "why": verdict["why"],
+                                  "retrain": None}
+        if reason is None:
+            why = f"no trigger fired (schedule.triggers={s.triggers}; {rows} untrained rows)"
+            loop.record(paths, "retrain_skipped", batch=entry["name"], why=why)
+            logger.info("no retrain: %s", why)
+        elif retrain:
+            logger.info("retrain: %s", reason)
+            result["retrain"] = retrain_flow(project=str(paths.root), reason=f"batch {entry['name']}: {reason}",
+                                             parent_run_id=run_id)
+        tag_run(params, paths, run_id, **{"dataopt.drift": verdict["drift"], "dataopt.verdict": verdict["why"],
+                                          "dataopt.retrain": reason or "not triggered"})
     return result

@@ -50,6 +50,7 @@ def curate(
     overrides: Optional[list[str]] = None,
     project: str = ".",
     no_cache: bool = False,
+    parent_run_id: Optional[str] = None,
 ) -> dict[str, Any]:
     """Run the stale stages of ingest -> ... -> evaluate, log one MLflow run, keep dvc.lock current.
 
@@ -92,7 +93,8 @@ def curate(
             logger.info("%s: %s in %.1f s", name, summary["stages"][name]["status"],
                         summary["stages"][name]["seconds"])
         status = {n: s["status"] for n, s in summary["stages"].items()}
-        summary["tracking"] = track_task()(params, paths, "prefect", overrides, status, started_at=t_start)
+        summary["tracking"] = track_task()(params, paths, "prefect", overrides, status, started_at=t_start,
+                                           parent_run_id=parent_run_id)
         if cache is None:
             summary["dvc"] = note
         elif tainted:

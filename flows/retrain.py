@@ -41,7 +41,7 @@ from dataopt.paths import Paths
 from dataopt.schema import TEST
 from flows.curate import curate
 from tasks import registry
-from tasks.tracking import tracking_uri
+from tasks.tracking import flow_run, tag_run, tracking_uri
 from tasks.versioning import checkout
 
 
@@ -145,7 +145,8 @@ def recover(paths: Paths, logger: Any) -> bool:
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(project: str = ".", reason: str = "scheduled full retrain") -> dict[str, Any]:
+def retrain(project: str = ".", reason: str = "scheduled full retrain",
+            parent_run_id: Optional[str] = None) -> dict[str, Any]:
     """Re-curate with the accepted batches plus the new ones, train a challenger, promote it only if it
     is better; a rejected challenger's batches are not used again and its artifacts are rolled back."""
     logger = get_run_logger()
@@ -169,7 +170,9 @@ def retrain(project: str = ".", reason: str = "scheduled full retrain") -> dict[
         begin(paths)
         with atomic_path(paths.params) as tmp:  # one line of params.yaml: every comment stays
             tmp.write_text(set_value_text(paths.params.read_text(), "ingest", "batches", accepted + new))
-        summary = curate(params_path=str(paths.params), overrides=[], project=str(paths.root))
+        with flow_run(params, paths, "retrain", parent_run_id, **{"dataopt.trigger": reason}) as run:
+            summary = curate(params_path=str(paths.params), overrides=[], project=str(paths.root),
+                             parent_run_id=run)
         run_id = summary["tracking"]["run_id"]
         if run_id is None:
             raise UserError("retrain needs MLflow tracking (tracking.enabled: true) to register the challenger")
@@ -196,6 +199,8 @@ def retrain(project: str = ".", reason: str = "scheduled full retrain") -> dict[
                     mlflow_run=run_id)
         loop.record(paths, "retrain_done", batches=accepted + new if decision.promote else accepted,
                     version=challenger, outcome=event)
+        tag_run(params, paths, run, **{"dataopt.decision": event, "dataopt.reason": decision.reason,
+                                       "dataopt.version": challenger, "dataopt.curation": json.dumps(curation)})
         logger.info("challenger version %s %s: %s; curation: %s", challenger, event, decision.reason,
                     "; ".join(curation.values()) or "no new batch")
         return {"curation": curation, "version": challenger, "champion_before": champion, "promoted": decision.promote,

@@ -22,7 +22,7 @@ STAGES = ("ingest", "embed", "drift")
 
 
 def check_batch(params: Params, paths: Paths, project_params: Optional[Params],
-                say=print) -> dict[str, Any]:
+                say=print, parent_run_id: Optional[str] = None) -> dict[str, Any]:
     """Run the stale stages of :data:`STAGES`, log the check; returns ``{"report", "ran", "run_id",
     "dvc"}``."""
     started = time.time()
@@ -46,7 +46,7 @@ def check_batch(params: Params, paths: Paths, project_params: Optional[Params],
         # the chain is current, log it as one (the `track` stage) so that `dvc status` stays clean
         if cache is not None and not tainted and set(ran) - {"drift"} and cache.stale("track") \
                 and not any(cache.stale(n) for n in ORDER):
-            log_run(params, paths, entry="drift")
+            log_run(params, paths, entry="drift", parent_run_id=parent_run_id)
             cache.commit("track")
     finally:
         if cache is not None:
@@ -54,7 +54,7 @@ def check_batch(params: Params, paths: Paths, project_params: Optional[Params],
     dvc = note if cache is None else (
         "params differ from params.yaml: this check is not recorded in dvc.lock" if tainted
         else "dvc.lock up to date")
-    run_id = log_drift(params, paths, started) if "drift" in ran else None  # a cached check is not re-logged
+    run_id = log_drift(params, paths, started, parent_run_id) if "drift" in ran else None  # a cached check is not re-logged
     report = read_json(paths.artifacts / "drift" / "drift.json")
     if report.get("batch") and "drift" in ran:
         loop.record(paths, "drift_checked", batch=report["batch"]["name"], drift=report["verdict"]["drift"],

@@ -22,7 +22,7 @@ import subprocess
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import yaml
 
@@ -207,6 +207,7 @@ def log_run(
     overrides: Optional[list[str]] = None,
     stage_status: Optional[dict[str, str]] = None,
     started_at: Optional[float] = None,
+    parent_run_id: Optional[str] = None,
 ) -> dict[str, Any]:
     """Log the current artifacts as one MLflow run and write ``artifacts/track/run.json``.
 
@@ -219,6 +220,7 @@ def log_run(
     stage_status : ``{"ingest": "ran" | "cached", ...}`` from the flow (recorded as tags).
     started_at : when the pipeline started (unix seconds; the flow passes its start); default
         :func:`pipeline_start`, else now. The run starts then and ends when logging is done.
+    parent_run_id : the MLflow run of the loop flow this pipeline ran in (nested under it).
 
     Returns
     -------
@@ -246,6 +248,7 @@ def log_run(
         print(f"dataopt: marked {len(closed)} MLflow run(s) FAILED whose process died while logging: "
               f"{', '.join(closed)}")
     tags = {"dataopt.entry_point": entry, "mlflow.source.name": "dataopt",
+            **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
             "dataopt.pid": str(os.getpid()), "dataopt.host": socket.gethostname()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dataopt.dvc_exp"] = os.environ["DVC_EXP_NAME"]
@@ -312,7 +315,7 @@ def log_run(
     return info
 
 
-def log_drift(params: Params, paths: Paths, started_at: float) -> Optional[str]:
+def log_drift(params: Params, paths: Paths, started_at: float, parent_run_id: Optional[str] = None) -> Optional[str]:
     """One MLflow run for one drift check (tagged ``dataopt.kind=drift``, ``dataopt.batch=<name>``):
     the verdict, each test's p-value, Holm-adjusted p-value and effect size, drift.json and the plots.
     Returns the run id (None when tracking is off or no batch was checked)."""
@@ -328,7 +331,8 @@ def log_drift(params: Params, paths: Paths, started_at: float) -> Optional[str]:
     name, verdict = report["batch"]["name"], report["verdict"]
     tags = {"dataopt.kind": "drift", "dataopt.batch": name, "dataopt.batch_hash": report["batch"]["content_hash"],
             "dataopt.drift": str(bool(verdict["drift"])).lower(), "dataopt.verdict": verdict["why"][:5000],
-            "mlflow.source.name": "dataopt", "dataopt.entry_point": "drift"}
+            "mlflow.source.name": "dataopt", "dataopt.entry_point": "drift",
+            **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
     run = client.create_run(exp_id, start_time=int(started_at * 1000), tags=tags, run_name=f"drift-{name}")
     run_id = run.info.run_id
     try:
@@ -352,3 +356,39 @@ def log_drift(params: Params, paths: Paths, started_at: float) -> Optional[str]:
         raise
     client.set_terminated(run_id, status="FINISHED", end_time=int(time.time() * 1000))
     return run_id
+
+
+@contextlib.contextmanager
+def flow_run(params: Params, paths: Paths, name: str, parent_run_id: Optional[str] = None,
+             **tags: Any) -> Iterator[Optional[str]]:
+    """One MLflow parent run for one loop flow run (``watch``, ``check_drift``, ``retrain``): the drift
+    checks and pipeline executions it starts are nested under it (``mlflow.parentRunId``); its tags
+    say what was decided. Yields the run id (None when tracking is off), FAILED if the flow raises."""
+    if not params.tracking.enabled:
+        yield None
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(params, paths))
+    run = client.create_run(_experiment_id(client, params.tracking.experiment, paths),
+                            tags={"dataopt.kind": name, "mlflow.source.name": "dataopt",
+                                  "dataopt.entry_point": name, **{k: str(v)[:5000] for k, v in tags.items()},
+                                  **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})},
+                            run_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        yield run.info.run_id
+    except BaseException:
+        client.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+def tag_run(params: Params, paths: Paths, run_id: Optional[str], **tags: Any) -> None:
+    """Add tags (a decision and its reason) to a run of :func:`flow_run`."""
+    if run_id is None:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(params, paths))
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v)[:5000])

@@ -74,6 +74,7 @@ def test_dropped_demo_batches_become_the_expected_decisions(tmp_path):
     assert checks["corrupted"]["drift"] is True and checks["corrupted"]["retrain"] is not None
     assert checks["noisy-labels"]["drift"] is True
     noisy = checks["noisy-labels"]["retrain"]
+    assert "rows kept" in noisy["curation"]["noisy-labels"]  # the decision says what curation did
     uri = f"sqlite:///{project / 'mlflow.db'}"
     champion = registry.champion(uri, "dataopt")
     events = [d["event"] for d in loop.decisions(paths)]
@@ -84,6 +85,13 @@ def test_dropped_demo_batches_become_the_expected_decisions(tmp_path):
     if not noisy["promoted"]:
         assert "noisy-labels" not in yaml.safe_load((project / "params.yaml").read_text())["ingest"]["batches"]
     assert champion is not None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    parents = client.search_runs(["1"], "tags.`dataopt.kind` = 'check_drift'")
+    assert len(parents) == 3  # one MLflow parent run per check_drift flow run, the checks nested
+    nested = client.search_runs(["1"], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    assert nested and all(r.info.status == "FINISHED" for r in parents + nested)
     assert sorted(p.name for p in (incoming / ".done").iterdir())[0].endswith("clean.parquet")
     status = sh(str(BIN / "dvc"), "status")
     assert "up to date" in status, status
