@@ -8,15 +8,14 @@ cannot be downloaded here), a disjoint *reference* set of train rows is the refe
 set of train rows is the *pool* batches come from, and test rows are a pool of their own (the
 ``test_split`` scenario: CIFAR's test images differ measurably from its training images in brightness
 and contrast, so they are no null). The embedder never sees the reference or the pools, so both sides
-are embedded out of sample (``--scenarios insample`` measures what
-happens when the reference is the embedder's own training rows, as with a proxy embedder fitted on the
-train split). Every image set is embedded once -- the pool, and a corrupted copy of a stratified part
+are embedded out of sample (the ``insample`` scenario measures what happens when the reference is
+the embedder's own training rows, as with a proxy embedder fitted on the train split). Every image set is embedded once -- the pool, and a corrupted copy of a stratified part
 of it per CIFAR-10-C corruption and severity (``dataopt.drift.shifts.corrupt``) -- and cached under
 ``--cache``; batches are index sets into those arrays. The new-class scenario holds ``NEW_CLASS`` out
 of the reference and of a second embedder's training rows.
 
-Scenarios: ``no_shift`` (train pool); ``test_split`` (test pool); ``<corruption>_s<severity>``; ``prior`` (``PRIOR_CLASSES`` at a third of
-their share); ``new_class`` (10 % of the batch from the held-out class); ``label_noise`` (+15 points,
+Scenarios: ``no_shift`` (train pool); ``test_split`` (test pool); ``<corruption>_s<severity>``;
+``prior`` (``PRIOR_CLASSES`` at a third of their share); ``new_class`` (10 % of the batch from the held-out class); ``label_noise`` (+15 points,
 symmetric); ``insample`` (no shift, reference = the embedder's training rows). Each check runs
 ``check_drift`` on (reference, batch) with the ``DriftParams`` defaults (``--permutations`` overrides
 the MMD null draws), then Evidently's ``model`` (its default: a ``SGDClassifier`` domain classifier
@@ -27,8 +26,10 @@ same number of reference rows as dataopt's embedding tests (``max_reference``).
 
 Examples
 --------
-  python bench/drift.py --quick                      # every code path, small sizes, ~2 min on 2 cores
-  python bench/drift.py --permutations 200 --evidently-python /work/evvenv/bin/python   # the docs grid
+  python bench/drift.py --quick --evidently-python /work/evvenv/bin/python   # every code path, small sizes
+  python bench/drift.py --permutations 200 --evidently-python /work/evvenv/bin/python   # the null cells
+  python bench/drift.py --permutations 200 --evidently-python /work/evvenv/bin/python --resume \
+      --sizes 500 --repeats 10          # add the power cells to the same JSON (docs/benchmarks.md)
   python bench/drift.py --timing                     # one check: 5,000 vs 50,000 rows x 512-d
 
 Writes bench/results/drift_cifar10.json (``--quick``: drift_cifar10_quick.json; ``--timing``:
