@@ -19,6 +19,8 @@ hours per stream. Per batch the loop policy does what the flows decide with:
 
 Baselines: ``always`` retrains the same curated model on everything at every batch and deploys it;
 ``always_raw`` does the same without curation (plain training); ``never`` keeps the first champion.
+A variant of the loop, ``loop_retry``, keeps a rejected challenger's batches waiting for the next retrain
+instead of dropping them (what the flow would do if rejected batches were retried; not the flow).
 
 Data: bench/drift.py's cached proxy-embedder embeddings (``--cache``; built here with the same split
 when absent): the embedder is a SmallCNN fitted once before the stream on train rows the reference never
@@ -465,7 +467,9 @@ def plot(runs: list[dict], path: Path) -> None:
     for ax, r in zip(axes[0], runs):
         x = [s["step"] for s in r["steps"]]
         for p in POLICIES:
-            ax.plot(x, [100 * s["frozen"][p] for s in r["steps"]], color=style[p][0], ls=style[p][1], label=p)
+            wide = p == "loop"  # drawn wide, under loop_retry and never, which it often equals
+            ax.plot(x, [100 * s["frozen"][p] for s in r["steps"]], color=style[p][0], ls=style[p][1], label=p,
+                    lw=4 if wide else 1.5, alpha=0.5 if wide else 1.0, zorder=1 if wide else 2)
         for s in r["steps"][1:]:
             for p in LOOPS:
                 if s[p]["trigger"]:
