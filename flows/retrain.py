@@ -7,7 +7,9 @@ The training set is declared where DVC sees it: the flow sets ``ingest.batches``
 (one line; comments kept) and runs the ``curate`` flow, which records every stage in ``dvc.lock``. A
 promoted challenger keeps it, so ``dvc repro`` reproduces the champion's pipeline and ``dvc status``
 stays clean. A rejected challenger is rolled back: params.yaml and dvc.lock as they were, the artifacts
-back from DVC's cache (``dvc checkout``), its new batches recorded as rejected and not tried again. A
+back from DVC's cache (``dvc checkout``). Its new batches are rejected for good when the challenger did
+harm (significantly worse overall, or a class dropping more than allowed: :func:`harm`); otherwise they
+were only not enough to prove a gain and are deferred: the next retrain pools them with newer ones. A
 journal (``.dataopt/retrain.json``) makes a retrain killed midway roll back the same way when the next
 loop flow starts.
 
@@ -34,7 +36,7 @@ from dataopt import batches, loop
 from dataopt.artifacts import ARTIFACTS
 from dataopt.config import Params, load_params, set_value_text
 from dataopt.errors import UserError
-from dataopt.evaluate.compare import decide_promotion
+from dataopt.evaluate.compare import decide_promotion, harm
 from dataopt.io import atomic_path, read_json, write_json
 from dataopt.lock import WorkspaceLock, process_alive
 from dataopt.paths import Paths
@@ -190,10 +192,13 @@ def retrain(project: str = ".", reason: str = "scheduled full retrain",
         event = "promoted" if decision.promote else "rejected"
         if decision.promote:
             _journal(paths).unlink()
-        else:  # the champion's pipeline back; these batches are not tried again
-            rollback(paths)
+        else:  # the champion's pipeline back; harmful new data is never tried again, data that was not
+            rollback(paths)  # enough to prove a gain waits, pooled with the next batches
+            harmful = harm(decision)
             for b in new:
-                loop.record(paths, "batch_rejected", batch=b, version=challenger, why=decision.reason)
+                loop.record(paths, "batch_rejected" if harmful else "batch_deferred", batch=b, version=challenger,
+                            why=harmful or f"not enough to prove a gain yet, retried with the next batches: "
+                                           f"{decision.reason}")
         loop.record(paths, event, version=challenger, champion_before=champion, reason=decision.reason,
                     numbers=decision.numbers, eval_set=digest, batches=accepted + new, curation=curation,
                     mlflow_run=run_id)

@@ -147,3 +147,21 @@ def test_class_drop_at_the_limit_is_allowed():
     assert "drops by" not in p.reason
     q = decide_promotion(old, new, y, 2, **{**RULE, "min_gain": -1.0, "max_class_drop": 0.049})
     assert "class '0' drops by 0.0500 (20 rows) > max_class_drop 0.049" in q.reason
+
+
+def test_harm_tells_a_worse_challenger_from_one_not_proven_better():
+    from dataopt.evaluate.compare import decide_promotion, harm
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 2000)
+    champ = np.where(rng.random(2000) < 0.9, y, (y + 1) % 5)
+    same = champ.copy()
+    same[:10] = y[:10]  # a few more right: not significant
+    assert harm(decide_promotion(champ, same, y, 5)) is None
+    worse = np.where(rng.random(2000) < 0.7, y, (y + 1) % 5)
+    assert "significantly lower" in harm(decide_promotion(champ, worse, y, 5))
+    one_class = champ.copy()
+    one_class[y == 3] = 4  # class 3 collapses
+    assert "class" in harm(decide_promotion(champ, one_class, y, 5))
+    better = np.where(rng.random(2000) < 0.99, y, (y + 1) % 5)
+    assert harm(decide_promotion(champ, better, y, 5)) is None

@@ -122,3 +122,20 @@ def decide_promotion(champion_pred: Optional[np.ndarray], challenger_pred: np.nd
     where = f" (class {names[worst]!r})" if worst is not None and worst_drop > 0 else ""
     return Promotion(True, f"promoted: {head}; worst class drop {max(worst_drop, 0.0):.4f}{where} "
                            f"<= {max_class_drop:g}", numbers)
+
+
+def harm(promotion: Promotion) -> Optional[str]:
+    """Why a rejected challenger made things worse (overall accuracy significantly lower: the whole
+    interval below 0; or one class losing more than ``max_class_drop``), or None when it was only not
+    proven better. The loop never retries the new data of a harmful challenger; data that was merely
+    not enough yet waits for the next retrain, pooled with what arrives meanwhile."""
+    n = promotion.numbers
+    if promotion.promote:
+        return None
+    why = []
+    if n.get("delta_high") is not None and n["delta_high"] < 0:
+        why.append(f"accuracy significantly lower ({n['delta']:+.4f}, interval [{n['delta_low']:+.4f}, "
+                   f"{n['delta_high']:+.4f}])")
+    if n.get("worst_class_drop", 0.0) > n.get("max_class_drop", 1.0):
+        why.append(f"class {n['worst_class']!r} drops by {n['worst_class_drop']:.4f}")
+    return "; ".join(why) or None
