@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
 
 import dataopt.analyze.confident  # noqa: F401  (the DETECTORS that score probabilities and labels)
 import dataopt.drift.black_box  # noqa: F401  (DRIFT_TESTS)
@@ -56,7 +57,10 @@ def fit_proxy(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, max_ro
     half = len(order) // 2
     fit_rows, held_rows = np.sort(order[:half][:max_rows]), np.sort(order[half:][:max_rows])
     model = LogisticRegression(C=1.0, max_iter=300)
-    model.fit(np.asarray(embeddings[fit_rows], np.float32), labels[fit_rows])
+    # one BLAS thread: these small matrix products lose far more to thread hand-offs than they gain on
+    # 2 cores, and collapse when the cores are shared (2.4 s vs 0.17 s for 2,000 x 128 on a busy box)
+    with threadpool_limits(limits=1, user_api="blas"):
+        model.fit(np.asarray(embeddings[fit_rows], np.float32), labels[fit_rows])
     return model, fit_rows, held_rows
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from scipy.stats import norm, rankdata
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
+from threadpoolctl import threadpool_limits
 
 from dataopt.drift.result import DriftResult, bonferroni, need, take
 from dataopt.registry import DRIFT_TESTS
@@ -59,7 +60,8 @@ class ClassifierTwoSample:
         folds = StratifiedKFold(min(self.folds, len(x), len(y)), shuffle=True, random_state=self.random_state)
         for train, test in folds.split(z, domain):
             model = LogisticRegression(C=self.C, max_iter=self.max_iter, solver=self.solver)
-            scores[test] = model.fit(z[train], domain[train]).predict_proba(z[test])[:, 1]
+            with threadpool_limits(limits=1, user_api="blas"):  # see dataopt.drift.check.fit_proxy
+                scores[test] = model.fit(z[train], domain[train]).predict_proba(z[test])[:, 1]
             s1, s0 = scores[test][domain[test] == 1], scores[test][domain[test] == 0]
             u_fold = _u_statistic(s1, s0)
             n_pairs = len(s1) * len(s0)
