@@ -1,7 +1,8 @@
 """drift stage: the newest batch (or ``drift.batch``) against the reference -> drift.json and plots.
 
-Reads the reference's train rows (``ingest/samples.parquet``, ``ingest/images.npy``,
-``embed/embeddings.npy``) and the fitted embedder (``embed/embedder.safetensors``); reads the batch
+Reads the reference (``ingest/samples.parquet``, ``ingest/images.npy``, ``embed/embeddings.npy``: the
+held-out split when the embedder was fitted on the train split and it is large enough, else the train
+split; never the checked batch's rows) and the fitted embedder (``embed/embedder.safetensors``); reads the batch
 from ``data/batches/<name>/`` through the same ingest validation as any source (its rows decoded at
 the reference's image size; its quarantined rows are counted in the report), embeds only the batch
 with the reference's embedder, and calls :func:`dataopt.drift.check.check_drift`. Writes
@@ -40,11 +41,11 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
         return {"n_batch": 0, "drift": 0, "n_flagged_tests": 0}
     entry = batches.get_batch(paths, params.drift.batch)
     batches.verify(paths, entry)
-    ref = _reference(paths, entry["name"])
-    bat, quarantined = _batch(params, paths, entry, ref["images"].shape[1:3])
     embedder = load_embedder(art.locate(paths, "embed/embedder.safetensors"))
+    ref = _reference(paths, entry["name"], embedder.info().get("fitted_on") == "train", params.drift.min_batch)
+    bat, quarantined = _batch(params, paths, entry, ref["images"].shape[1:3])
     bat["embeddings"] = embed_new(embedder, bat["images"]).astype(np.float32)
-    names = list(ref.pop("class_names"))
+    names, ref_rows = list(ref.pop("class_names")), ref.pop("rows")
     bat["labels"] = _codes(bat.pop("label_names"), names)  # a class the reference lacks gets a new code
     d = params.drift
     result = check_drift(ref, bat, n_classes=len(names), tests=d.tests, alpha=d.alpha,
@@ -53,7 +54,7 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
                          detector_kwargs=params.analyze.kwargs, random_state=params.seed)
     top = _top_new(result, bat)
     report = {"batch": {k: entry[k] for k in ("name", "added_at", "source", "rows", "n_valid", "content_hash")},
-              "n_batch_quarantined": quarantined, "n_reference": len(ref["labels"]),
+              "n_batch_quarantined": quarantined, "n_reference": len(ref["labels"]), "reference_rows": ref_rows,
               "embedder": embedder.info() if hasattr(embedder, "info") else type(embedder).__name__,
               "classes": names, **result.to_dict(), "top_new": top}
     art.write_json(paths, "drift/drift.json", report)
@@ -63,14 +64,19 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
             **{f"p_{n}": r.p_value for n, r in result.results.items()}}
 
 
-def _reference(paths: Paths, batch: str) -> dict[str, Any]:
+def _reference(paths: Paths, batch: str, embedder_saw_train: bool, min_rows: int) -> dict[str, Any]:
+    """The reference rows: the train split, or, when the embedder was fitted on it, the held-out split
+    (rows the embedder never saw, like the batch's: its features are more confident on its own training
+    rows, so a train-split reference made every batch look new: a 0.20 false-alarm rate on CIFAR-10,
+    docs/benchmarks.md) when that has at least ``4 * min_rows`` rows."""
     samples = art.read_frame(paths, "ingest/samples.parquet")
-    train = samples["split"].to_numpy() == TRAIN
-    if "batch" in samples:  # the checked batch is never its own reference
-        train &= samples["batch"].to_numpy() != batch
-    rows = np.flatnonzero(train)
+    split = samples["split"].to_numpy()
+    other = samples["batch"].to_numpy() != batch if "batch" in samples else np.ones(len(samples), bool)
+    held = (split != TRAIN) & other
+    use_held = embedder_saw_train and held.sum() >= 4 * min_rows
+    rows = np.flatnonzero(held if use_held else (split == TRAIN) & other)  # never the checked batch itself
     if len(rows) < 2:
-        raise DataError("drift: the reference has fewer than 2 train rows in ingest/samples.parquet")
+        raise DataError("drift: the reference has fewer than 2 rows in ingest/samples.parquet")
     images = art.load_npy(paths, "ingest/images.npy", mmap=True)
     emb = art.load_npy(paths, "embed/embeddings.npy", mmap=True)
     labels = samples["label"].to_numpy()
@@ -79,7 +85,7 @@ def _reference(paths: Paths, batch: str) -> dict[str, Any]:
     class_names = [str(names.get(c, c)) for c in range(int(codes.max()) + 1)]
     return {"embeddings": np.asarray(emb[rows], np.float32), "labels": labels[rows],
             "images": np.asarray(images[rows]), "sizes": samples[["orig_height", "orig_width"]].to_numpy()[rows],
-            "class_names": class_names}
+            "class_names": class_names, "rows": "held-out split (unseen by the embedder)" if use_held else "train split"}
 
 
 def _batch(params: Params, paths: Paths, entry: dict, size: tuple[int, int]) -> tuple[dict[str, Any], int]:
