@@ -33,7 +33,7 @@ wrong), once alone and once with 20 more points of symmetric flips (the parquet 
 
 Examples
 --------
-  python bench/stream.py --quick          # one seed, fewer permutations: every code path, ~2 min
+  python bench/stream.py --quick          # one seed, fewer permutations: every code path, ~1 min
   python bench/stream.py --seeds 0 1 2 3 4    # the docs run
 
 Writes bench/results/stream_cifar10.json (``--quick``: stream_cifar10_quick.json) and
