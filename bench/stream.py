@@ -9,18 +9,20 @@ hours per stream. Per batch the loop policy does what the flows decide with:
 - drift check: :func:`dataopt.drift.check.check_drift` (reference vs the whole batch, ``DriftParams``
   defaults) -> :func:`dataopt.loop.retrain_reason` with ``ScheduleParams`` defaults (``triggers:
   [drift]``); a batch that fires nothing waits, untrained, for the next retrain (as in the flows);
-- retrain: the reference plus every batch not rejected before, curated as the default config does:
+- retrain: the reference plus every batch not rejected for good before, curated as the default config does:
   4-fold out-of-fold probabilities -> the analyze detector (``calibrated_confidence``, the agreement
   gate, :func:`dataopt.analyze.run.detect_label_issues`) -> ``p_clean`` -> the ``p_clean`` weighter
   (the default ``moderate`` prune at ratio 1.0 keeps every row); the model is a head on fixed
   embeddings (scikit-learn ``LogisticRegression``, the stand-in for ``train.mode: head``);
 - promotion: :func:`dataopt.evaluate.compare.decide_promotion` (``PromotionParams`` defaults) on the
-  frozen evaluation set; a rejected challenger's new batches are never used again (as in the flow).
+  frozen evaluation set; a rejected challenger's new batches are rejected for good only when
+  :func:`dataopt.evaluate.compare.harm` says it did harm, else deferred: they wait, pooled with newer
+  batches, for the next retrain (as in the flow).
 
 Baselines: ``always`` retrains the same curated model on everything at every batch and deploys it;
 ``always_raw`` does the same without curation (plain training); ``never`` keeps the first champion.
-A variant of the loop, ``loop_retry``, keeps a rejected challenger's batches waiting for the next retrain
-instead of dropping them (what the flow would do if rejected batches were retried; not the flow).
+(The earlier ``loop_retry`` variant, which retried every rejected batch, is gone: the flow now retries
+all but a harmful challenger's, so it differed from ``loop`` only there.)
 
 Data: bench/drift.py's cached proxy-embedder embeddings (``--cache``; built here with the same split
 when absent): the embedder is a SmallCNN fitted once before the stream on train rows the reference never
@@ -31,8 +33,8 @@ wrong), once alone and once with 20 more points of symmetric flips (the parquet 
 
 Examples
 --------
-  python bench/stream.py --quick          # one seed, fewer permutations: every code path, ~2 min
-  python bench/stream.py --seeds 0 1 2    # the docs run
+  python bench/stream.py --quick          # one seed, fewer permutations: every code path, ~1 min
+  python bench/stream.py --seeds 0 1 2 3 4    # the docs run
 
 Writes bench/results/stream_cifar10.json (``--quick``: stream_cifar10_quick.json) and
 docs/img/stream.png, and prints a markdown table.
@@ -64,7 +66,7 @@ STREAM = [("clean_1", "clean", "rest"), ("clean_2", "clean", "rest"), ("noise_s3
           ("human_labels", "labels", 0.0), ("prior", "prior", None), ("contrast_s4", "corrupt", "contrast_s4"),
           ("clean_3", "clean", "corrupt_pool"), ("human+flips", "labels", EXTRA_FLIPS),
           ("blur_s3", "corrupt", "gaussian_blur_s3"), ("clean_4", "clean", "corrupt_pool")]
-POLICIES = ("loop", "loop_retry", "always", "always_raw", "never")
+POLICIES = ("loop", "always", "always_raw", "never")
 
 
 def parse_args(argv=None):
@@ -287,17 +289,17 @@ def accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
 
 class LoopPolicy:
     """The drift-triggered loop's bookkeeping (flows/check_drift.py + flows/retrain.py): batches
-    trained on, batches waiting for a retrain, rejected ones. ``retry_rejected``: a rejected
-    challenger's batches wait for the next retrain instead of being dropped (a variant, not the flow)."""
+    trained on, batches waiting for a retrain (new, or deferred by a rejection that did no harm), and
+    batches rejected for good (by a harmful challenger)."""
 
-    def __init__(self, first, retry_rejected: bool):
-        self.champion, self.retry_rejected = first, retry_rejected
+    def __init__(self, first):
+        self.champion = first
         self.accepted, self.waiting, self.rejected = [], [], []
         self.compute = Compute()
 
     def step(self, ref: dict, batch: dict, drift: bool, xf: np.ndarray, yf: np.ndarray, seed: int) -> dict:
         from dataopt.config import PromotionParams, ScheduleParams
-        from dataopt.evaluate.compare import decide_promotion
+        from dataopt.evaluate.compare import decide_promotion, harm
         from dataopt.loop import retrain_reason
 
         promo, sched = PromotionParams(), ScheduleParams()
@@ -315,9 +317,18 @@ class LoopPolicy:
                    batches=[w["name"] for w in self.waiting])
         if dec.promote:
             self.champion, self.accepted, self.waiting = challenger, self.accepted + self.waiting, []
-        elif not self.retry_rejected:  # as flows/retrain.py: the new batches are never tried again
+            return out
+        out["harm"] = harm(dec)
+        if out["harm"]:  # as flows/retrain.py: harmful new data is never tried again; the rest is deferred
             self.rejected, self.waiting = self.rejected + self.waiting, []
         return out
+
+
+def outcome(s: dict) -> str:
+    """A loop step's retrain: none, promoted, deferred (rejected, no harm) or rejected (harmful)."""
+    if not s["trigger"]:
+        return "-"
+    return "promoted" if s["promoted"] else "rejected" if s.get("harm") else "deferred"
 
 
 def run_seed(d: dict, args, seed: int) -> dict[str, Any]:
@@ -332,7 +343,7 @@ def run_seed(d: dict, args, seed: int) -> dict[str, Any]:
     stream = make_stream(d, args.batch_size, args.holdout, seed)
     compute = {p: Compute() for p in ("always", "always_raw", "never")}
     first, first_info = train_on([ref], True, Compute(), seed)  # every policy's first champion, not counted
-    loops = {"loop": LoopPolicy(first, False), "loop_retry": LoopPolicy(first, True)}
+    loops = {"loop": LoopPolicy(first)}
     champion = {p: first for p in POLICIES}
     steps: list[dict[str, Any]] = [{"step": 0, "batch": "reference", "frozen": {p: accuracy(first, xf, yf) for p in POLICIES}}]
     seen = []  # every batch so far (the baselines train on all)
@@ -359,9 +370,8 @@ def run_seed(d: dict, args, seed: int) -> dict[str, Any]:
         step["frozen"] = {p: accuracy(champion[p], xf, yf) for p in POLICIES}
         step["batch_dist"] = {p: accuracy(champion[p], b["embeddings"][held], b["clean"][held]) for p in POLICIES}
         steps.append(step)
-        what = lambda s: "-" if not s["trigger"] else ("promoted" if s["promoted"] else "rejected")  # noqa: E731
         print(f"  seed {seed} step {i:2d} {b['name']:12s} drift={step['drift']['verdict']!s:5s} "
-              f"({step['drift']['seconds']:.0f}s) loop={what(step['loop']):8s} retry={what(step['loop_retry']):8s} "
+              f"({step['drift']['seconds']:.0f}s) loop={outcome(step['loop']):8s} "
               + " ".join(f"{p}={step['frozen'][p]:.4f}" for p in POLICIES), flush=True)
     compute.update({name: lp.compute for name, lp in loops.items()})
     return {"seed": seed, "first_champion": first_info, "steps": steps,
@@ -370,6 +380,7 @@ def run_seed(d: dict, args, seed: int) -> dict[str, Any]:
                              len(stream) if p.startswith("always") else 0) for p in POLICIES},
             "promotions": {p: sum(1 for s in steps[1:] if s[p].get("promoted")) for p in loops},
             "rejections": {p: sum(1 for s in steps[1:] if s[p]["trigger"] and not s[p]["promoted"]) for p in loops},
+            "harmful": {p: sum(1 for s in steps[1:] if s[p].get("harm")) for p in loops},
             "rejected_batches": [w["name"] for w in loops["loop"].rejected],
             "untrained_at_end": {p: [w["name"] for w in lp.waiting] for p, lp in loops.items()}}
 
@@ -406,7 +417,7 @@ def targets(runs: list[dict], noise: float, policy: str) -> dict[str, Any]:
             elif later[policy]["promoted"]:
                 fate = f"step {j}: promoted, curated ({later[policy]['curation']['flagged'][s['batch']]:.0%} of its rows flagged)"
             else:
-                fate = f"step {j}: {later[policy]['reason']}"
+                fate = f"step {j}: {outcome(later[policy])}: {later[policy].get('harm') or later[policy]['reason']}"
             worse.append({"seed": r["seed"], "batch": s["batch"], "label_noise": s["label_noise"],
                           "change": change, "fate": fate})
     return {"accuracy_gap_vs_always": {"per_seed": gaps, "max": max(gaps), "met": max(gaps) <= 0.005},
@@ -415,34 +426,34 @@ def targets(runs: list[dict], noise: float, policy: str) -> dict[str, Any]:
             "worse_labels": {"batches": worse, "met": all((w["change"] or 0.0) >= 0.0 for w in worse)}}
 
 
-LOOPS = ("loop", "loop_retry")
+LOOPS = ("loop",)
 
 
 def table(runs: list[dict]) -> str:
     """Per step: the policies' frozen-set and batch-distribution accuracy (mean over seeds), the drift
-    verdicts, the loops' retrains (promoted/rejected, counts over seeds); then the totals."""
+    verdicts, the loop's retrains (promoted / deferred / rejected, counts over seeds); then the totals."""
     n = len(runs)
     mean = lambda f: np.mean([f(r) for r in runs])  # noqa: E731
-    rows = ["| step | batch | drift flagged | loop: promoted / rejected | loop_retry: promoted / rejected | "
-            + " | ".join(f"frozen: {p}" for p in POLICIES) + " | batch dist.: loop | loop_retry | always | never |",
-            "|" + " --- |" * (5 + len(POLICIES) + 4)]
+    rows = ["| step | batch | drift flagged | loop: promoted / deferred / rejected | "
+            + " | ".join(f"frozen: {p}" for p in POLICIES) + " | batch dist.: loop | always | never |",
+            "|" + " --- |" * (4 + len(POLICIES) + 3)]
     for i, s0 in enumerate(runs[0]["steps"]):
         st = [r["steps"][i] for r in runs]
         fr = {p: np.mean([s["frozen"][p] for s in st]) for p in POLICIES}
         if i == 0:
-            rows.append("| 0 | reference | | | | " + " | ".join(f"{fr[p]:.2%}" for p in POLICIES) + " | | | | |")
+            rows.append("| 0 | reference | | | " + " | ".join(f"{fr[p]:.2%}" for p in POLICIES) + " | | | |")
             continue
         bd = {p: np.mean([s["batch_dist"][p] for s in st]) for p in POLICIES}
-        counts = [f"{sum(bool(s[p].get('promoted')) for s in st)} / "
-                  f"{sum(bool(s[p]['trigger']) and not s[p]['promoted'] for s in st)}" for p in LOOPS]
-        rows.append(f"| {i} | {s0['batch']} | {sum(s['drift']['verdict'] for s in st)}/{n} | {counts[0]} | {counts[1]} | "
+        counts = " / ".join(str(sum(outcome(s["loop"]) == o for s in st)) for o in ("promoted", "deferred", "rejected"))
+        rows.append(f"| {i} | {s0['batch']} | {sum(s['drift']['verdict'] for s in st)}/{n} | {counts} | "
                     + " | ".join(f"{fr[p]:.2%}" for p in POLICIES) + " | "
-                    + " | ".join(f"{bd[p]:.1%}" for p in ("loop", "loop_retry", "always", "never")) + " |")
-    tot = ["| policy | retrains | promotions / rejections | samples seen: total (final + out-of-fold) | seconds | "
+                    + " | ".join(f"{bd[p]:.1%}" for p in ("loop", "always", "never")) + " |")
+    tot = ["| policy | retrains | promotions / deferrals / harmful rejections | samples seen: total (final + out-of-fold) | seconds | "
            "final frozen accuracy |", "| --- | --- | --- | --- | --- | --- |"]
     for p in POLICIES:
         c = {k: mean(lambda r: r["compute"][p][k]) for k in ("samples", "samples_final", "samples_oof", "seconds")}
-        pr = f"{mean(lambda r: r['promotions'][p]):.1f} / {mean(lambda r: r['rejections'][p]):.1f}" if p in LOOPS else "-"
+        pr = (f"{mean(lambda r: r['promotions'][p]):.1f} / {mean(lambda r: r['rejections'][p] - r['harmful'][p]):.1f} / "
+              f"{mean(lambda r: r['harmful'][p]):.1f}" if p in LOOPS else "-")
         tot.append(f"| {p} | {mean(lambda r: r['retrains'][p]):.1f} | {pr} | {c['samples'] / 1e6:.2f} M "
                    f"({c['samples_final'] / 1e6:.2f} + {c['samples_oof'] / 1e6:.2f}) | {c['seconds']:.1f} | "
                    f"{mean(lambda r: r['steps'][-1]['frozen'][p]):.2%} |")
@@ -460,23 +471,19 @@ def plot(runs: list[dict], path: Path) -> None:
     for ax in grid.flat[len(runs):]:
         ax.set_visible(False)
     axes = [list(grid.flat[:len(runs)])]
-    style = {"loop": ("C0", "-"), "loop_retry": ("C4", "-"), "always": ("C1", "--"), "always_raw": ("C2", ":"),
-             "never": ("C7", "-.")}
-    marks = {("loop", True): ("o", "C0"), ("loop", False): ("x", "C3"),
-             ("loop_retry", True): ("s", "C4"), ("loop_retry", False): ("+", "C3")}
+    style = {"loop": ("C0", "-"), "always": ("C1", "--"), "always_raw": ("C2", ":"), "never": ("C7", "-.")}
+    marks = {"promoted": ("o", "C0"), "deferred": ("x", "C3"), "rejected": ("s", "k")}
     for ax, r in zip(axes[0], runs):
         x = [s["step"] for s in r["steps"]]
         for p in POLICIES:
-            wide = p == "loop"  # drawn wide, under loop_retry and never, which it often equals
+            wide = p == "loop"  # drawn wide, under never, which it may equal
             ax.plot(x, [100 * s["frozen"][p] for s in r["steps"]], color=style[p][0], ls=style[p][1], label=p,
                     lw=4 if wide else 1.5, alpha=0.5 if wide else 1.0, zorder=1 if wide else 2)
         for s in r["steps"][1:]:
-            for p in LOOPS:
-                if s[p]["trigger"]:
-                    ok = s[p]["promoted"]
-                    m, c = marks[p, ok]
-                    ax.plot(s["step"], 100 * s["frozen"][p], m, color=c, ms=8, mfc="none",
-                            label=f"{p} retrain: " + ("promoted" if ok else "rejected"))
+            what = outcome(s["loop"])
+            if what in marks:
+                m, c = marks[what]
+                ax.plot(s["step"], 100 * s["frozen"]["loop"], m, color=c, ms=8, mfc="none", label=f"loop retrain: {what}")
         ax.set_xticks(x, [s["batch"] for s in r["steps"]], rotation=60, ha="right", fontsize=7)
         ax.set_title(f"seed {r['seed']}")
         ax.grid(alpha=0.3)

@@ -1,6 +1,6 @@
 """bench/stream.py: the stream's batches are disjoint and shifted as declared, and the loop policy
-keeps the flow's bookkeeping (a promoted challenger's batches are trained on, a rejected one's are
-dropped, or retried by the loop_retry variant), on small synthetic embeddings."""
+keeps the flow's bookkeeping (a promoted challenger's batches are trained on, a harmful one's are
+dropped for good, a merely unproven one's are deferred to the next retrain), on small synthetic embeddings."""
 from __future__ import annotations
 
 import sys
@@ -63,20 +63,25 @@ class _Model:
         return np.where(wrong, (y + 1) % 10, y)
 
 
-@pytest.mark.parametrize("retry", [False, True])
-def test_loop_policy_drops_or_retries_rejected_batches(monkeypatch, retry):
+@pytest.mark.parametrize("harmful", [False, True])
+def test_loop_policy_defers_unproven_and_drops_harmful_batches(monkeypatch, harmful):
     xf, yf = np.zeros((1000, 2)), np.arange(1000) % 10
-    quality = iter([0.50, 0.60])  # the first challenger is no better (rejected), the second much better
+    # the first challenger is no better (not proven: deferred) or much worse (harm: rejected for good),
+    # the second much better than the champion
+    quality = iter([0.40 if harmful else 0.50, 0.60])
     monkeypatch.setattr(stream, "train_on", lambda parts, curate, compute, seed: (
         _Model(next(quality)), {"rows": sum(int(p["train"].sum()) for p in parts), "parts": [p["name"] for p in parts]}))
-    policy = stream.LoopPolicy(_Model(0.50), retry_rejected=retry)
+    policy = stream.LoopPolicy(_Model(0.50))
     batch = lambda name: {"name": name, "train": np.ones(10, bool)}  # noqa: E731
     ref = batch("reference")
     assert policy.step(ref, batch("a"), False, xf, yf, 0) == {"trigger": None}  # no drift: waits
     out = policy.step(ref, batch("b"), True, xf, yf, 0)
     assert out["batches"] == ["a", "b"] and not out["promoted"] and "rejected" in out["reason"]
-    assert [w["name"] for w in policy.waiting] == (["a", "b"] if retry else [])
-    assert [w["name"] for w in policy.rejected] == ([] if retry else ["a", "b"])
+    assert stream.outcome(out) == ("rejected" if harmful else "deferred")
+    assert bool(out["harm"]) == harmful and (not harmful or "significantly lower" in out["harm"])
+    assert [w["name"] for w in policy.waiting] == ([] if harmful else ["a", "b"])
+    assert [w["name"] for w in policy.rejected] == (["a", "b"] if harmful else [])
     out = policy.step(ref, batch("c"), True, xf, yf, 0)
-    assert out["promoted"] and out["batches"] == (["a", "b", "c"] if retry else ["c"])
+    assert out["promoted"] and out["batches"] == (["c"] if harmful else ["a", "b", "c"])
+    assert stream.outcome(out) == "promoted"
     assert [w["name"] for w in policy.accepted] == out["batches"] and policy.waiting == []
