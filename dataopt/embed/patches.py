@@ -82,8 +82,8 @@ class WhitenedPatchesEmbedder(Embedder):
         Train images (seeded subsample) the PCA of ``dim`` is fitted on.
     images_per_pass : int or None
         Images per convolution pass (the last one padded): bounds memory, about ``images_per_pass *
-        n_patches * positions * 8`` bytes (256 x 1,024 x 729 -> 1.5 GB on 32x32 images). None: 1 on
-        the CPU (fastest there), 256 on a GPU.
+        n_patches * positions * 8`` bytes (64 x 1,024 x 729 -> 0.4 GB on 32x32 images). None: 64 on
+        the CPU, 256 on a GPU.
     transform_batch_size : int
         Rows per block handed to ``_embed`` by the stage (``embed.batch_size``).
     device : "auto" | "cpu" | "cuda"
@@ -147,8 +147,8 @@ class WhitenedPatchesEmbedder(Embedder):
         zca = (eigvec / np.sqrt(np.clip(eigval, 0, None) + float(self.whiten_reg))) @ eigvec.T
         atoms = (p[rng.choice(len(p), k, replace=False)] - mean) @ zca
         atoms /= np.maximum(np.linalg.norm(atoms, axis=1, keepdims=True), 1e-8)
-        # z = atoms . zca (normalise(x) - mean) = (filters . x) / s(x) - bias, where centring a patch is
-        # folded into the filters (each loses its mean), s(x) = sqrt(var(x) + eps) per position
+        # z = atoms . zca (normalise(x) - mean) = filters . normalise(x) - bias (filters centred: a
+        # normalised patch sums to 0, so the filters' own mean is irrelevant, and dropping it is exact)
         proj = atoms @ zca
         c = images.shape[3]
         self.filters_ = (proj - proj.mean(1, keepdims=True)).reshape(k, c, size, size).astype(np.float32)
@@ -183,9 +183,10 @@ class WhitenedPatchesEmbedder(Embedder):
     def _pass_size(self) -> int:
         if self.images_per_pass is not None:
             return int(self.images_per_pass)
-        # CPU: one image per pass keeps its (positions, K) responses in cache, the fastest measured
-        # (0.45 s vs 0.79 s per 64 images in passes of 64, K = 1,024, 2 loaded cores)
-        return 1 if self.device_ == "cpu" else 256
+        # CPU: every torch op is a parallel region whose barrier waits on a preempted thread when the
+        # cores are shared, so few large passes: 6 ms/image in passes of 64 against 15 (8) and 88 (1),
+        # K = 1,024, 32x32, 2 cores at load 5
+        return 64 if self.device_ == "cpu" else 256
 
     def _pooled_all(self, images: np.ndarray, project: bool = False) -> np.ndarray:
         """``(n, H, W, C)`` uint8 -> ``(n, 2 * K * pool**2)`` float32 (``project``: ``(n, dim_)``), in
@@ -201,6 +202,15 @@ class WhitenedPatchesEmbedder(Embedder):
         width = self.dim_ if project else 2 * len(self.bias_) * int(self.pool) ** 2
         return np.concatenate(out) if out else np.zeros((0, width), np.float32)
 
+    def _pool_matrix(self, out_h: int, out_w: int, dev: torch.device) -> torch.Tensor:
+        """``(pool**2, out_h * out_w)``: adaptive average pooling to the grid as a matrix (cached)."""
+        key = (out_h, out_w, str(dev))
+        if getattr(self, "_pool_cache", (None,))[0] != key:
+            grid = int(self.pool)
+            eye = torch.eye(out_h * out_w, device=dev).view(-1, 1, out_h, out_w)
+            self._pool_cache = (key, F.adaptive_avg_pool2d(eye, grid).view(out_h * out_w, grid * grid).T.contiguous())
+        return self._pool_cache[1]
+
     @torch.no_grad()
     def _pooled(self, block: np.ndarray, project: bool = False) -> np.ndarray:
         """``(b, H, W, C)`` uint8 -> ``(b, 2 * K * pool**2)`` float32 pooled responses (``project`` and a
@@ -212,22 +222,22 @@ class WhitenedPatchesEmbedder(Embedder):
         w = torch.tensor(self.filters_, device=dev).view(k, -1)
         x = torch.from_numpy(block).to(dev).permute(0, 3, 1, 2).float()
         out_h, out_w = x.shape[2] - size + 1, x.shape[3] - size + 1
-        # the convolution as one product over positions-major patch columns: (b, positions, K)
-        z = F.unfold(x, size).transpose(1, 2) @ w.T
-        # per-position patch mean and variance over its size*size*C values: s(x) of the module docstring
-        m1 = F.avg_pool2d(x.mean(1, keepdim=True), size, stride=1)
-        m2 = F.avg_pool2d((x * x).mean(1, keepdim=True), size, stride=1)
-        s = (m2 - m1 * m1).clamp_min_(0).add_(_CONTRAST_EPS).sqrt_().view(len(x), -1, 1)
-        z.div_(s).sub_(torch.tensor(self.bias_, device=dev))
-        # average pooling as a product with a (grid cells, positions) matrix whose rows sum to 1, so
-        # pool(relu(z - t)) = pool(max(z, t)) - t and pool(relu(-z - t)) = -pool(min(z, -t)) - t: two
-        # passes over z, the CPU's bottleneck next to the convolution
-        grid = int(self.pool)
-        pool = F.adaptive_avg_pool2d(torch.eye(out_h * out_w, device=dev).view(-1, 1, out_h, out_w), grid)
-        pool = pool.view(out_h * out_w, grid * grid).T
+        # positions-major patch columns (b, positions, C*size*size), contrast-normalised here, on the
+        # narrow side of the product (not on its K-wide output)
+        cols = F.unfold(x, size).transpose(1, 2)
+        mean = cols.mean(2, keepdim=True)
+        var = (cols * cols).mean(2, keepdim=True) - mean * mean
+        cols = (cols - mean) / (var.clamp_min_(0) + _CONTRAST_EPS).sqrt_()
+        # the convolution as one product, bias and threshold folded in: z - t, (b, positions, K)
         t = float(self.threshold)
-        neg = (pool @ torch.clamp(z, max=-t)).neg_().sub_(t)  # (b, cells, K)
-        pos = (pool @ z.clamp_(min=t)).sub_(t)
+        shifted = torch.baddbmm((-torch.tensor(self.bias_, device=dev) - t).expand(len(x), 1, k),
+                                cols, w.T.expand(len(x), -1, -1))
+        # average pooling as a product with a (grid cells, positions) matrix whose rows sum to 1, so
+        # pool(relu(z - t)) = pool(relu(z - t)) and pool(relu(-z - t)) = -pool(min(z - t, -2t)) - 2t: two
+        # passes over the responses, the CPU's bottleneck next to the product
+        pool = self._pool_matrix(out_h, out_w, dev)
+        neg = (pool @ torch.clamp(shifted, max=-2 * t)).neg_().sub_(2 * t)  # (b, cells, K)
+        pos = pool @ shifted.relu_()
         # feature order: sign, atom, grid cell
         f = torch.cat([pos, neg], 2).transpose(1, 2).flatten(1)
         if project and self.components_ is not None:
