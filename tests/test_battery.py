@@ -1,6 +1,7 @@
 """The common battery (issue 5): every registered resampler, weighter, perturber, augmenter and
 selector, built with its defaults, fitted on one fabricated input set that offers every input name of
-the optimize stage. New methods are picked up automatically."""
+the optimize stage; and every registered embedder that fits offline, on a few tiny images. New methods
+are picked up automatically."""
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +16,7 @@ from dataopt.config import Params
 from dataopt.errors import ConfigError
 from dataopt.io import save_npy, write_parquet
 import dataopt.plugins  # noqa: F401  (fills the registries)
-from dataopt.registry import (AUGMENTERS, PERTURBERS, RESAMPLERS, SELECTORS, WEIGHTERS, get_params,
+from dataopt.registry import (AUGMENTERS, EMBEDDERS, PERTURBERS, RESAMPLERS, SELECTORS, WEIGHTERS, get_params,
                               hyperparameters)
 from dataopt.stages import run_stage
 from dataopt.stages.optimize import INPUT_NAMES, _inputs
@@ -189,3 +190,49 @@ def test_selectors_respect_n_keep_within_one_sample(name, inputs):
             **{r: inputs[r] for r in SELECTORS.get(name).requires},
             keep=np.ones(len(inputs["labels"]), bool)).keep_
         assert abs(int(keep.sum()) - count) <= 1, f"n_keep {count}: kept {keep.sum()}"
+
+
+# embedders that fit offline from their defaults (open_clip needs a checkpoint: tests/test_embed_openclip.py)
+OFFLINE_EMBEDDERS = [n for n in EMBEDDERS.names() if n != "open_clip"]
+
+
+def _embedder(name, seed=0):
+    return EMBEDDERS.build(name, {}, random_state=seed, device="cpu", transform_batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def images():
+    """48 RGB 8x8 uint8 images of 3 classes (class k: brighter k-th third) and their labels."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(48) % 3
+    x = rng.integers(0, 120, (48, 8, 8, 3))
+    for i, lab in enumerate(labels):
+        x[i, :, lab * 2 : lab * 2 + 3] += 120
+    return x.astype(np.uint8), labels
+
+
+@pytest.mark.parametrize("name", OFFLINE_EMBEDDERS)
+def test_embedders_fit_deterministic_unit_rows_and_restore_their_state(name, images, one_torch_thread):
+    x, labels = images
+    before = _digest(x)
+    m = _embedder(name)
+    assert m.fit(x[:40], labels[:40], n_classes=3) is m
+    assert _digest(x) == before, "fit modified its inputs"
+    f = m.transform(x)
+    assert f.shape == (48, m.dim_) and f.dtype == np.float32 and np.isfinite(f).all()
+    np.testing.assert_allclose(np.linalg.norm(f, axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(_embedder(name).fit(x[:40], labels[:40], n_classes=3).transform(x), f)
+    state = m.get_state()
+    if state is not None:
+        assert np.array_equal(_embedder(name).set_state(*state).transform(x), f)
+    json.dumps(m.info())
+
+
+@pytest.mark.parametrize("name", EMBEDDERS.names())
+def test_embedder_params_are_json_safe_and_unknown_kwargs_list_the_valid_ones(name):
+    params = get_params(EMBEDDERS.build(name, {}))
+    assert json.loads(json.dumps(params)) == params
+    with pytest.raises(ConfigError) as exc:
+        EMBEDDERS.build(name, {"no_such_kwarg": 1})
+    text = str(exc.value)
+    assert "no_such_kwarg" in text and "valid:" in text

@@ -14,6 +14,7 @@ from dataopt.config import validate
 from dataopt.embed import shards as shardlib
 from dataopt.embed.backends import PixelsEmbedder, ProxyEmbedder
 from dataopt.embed.openclip import OpenClipEmbedder
+from dataopt.embed.patches import WhitenedPatchesEmbedder
 from dataopt.embed.run import class_probs_new, embed_new, load_embedder
 from dataopt.errors import DataError
 from dataopt.io import load_npy
@@ -46,6 +47,21 @@ def test_restored_pixels_embedder_reproduces_the_test_rows(digits_writer, tmp_pa
         new = embed_new(restored, images[test], batch_size=batch_size)
         assert new.dtype == np.float16 and np.array_equal(new, emb[test])
     np.testing.assert_allclose(np.linalg.norm(new.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    assert class_probs_new(restored, images[test]) is None
+
+
+@pytest.mark.parametrize("dim", [None, 20])
+def test_restored_whitened_patches_embedder_reproduces_the_rows(digits_writer, tmp_path, dim):
+    paths = digits_writer(tmp_path, n=300)
+    kwargs = {"n_patches": 16, "fit_patches": 3000, "dim": dim, "pca_rows": 150}
+    images, emb, test = _run(paths, backend="whitened_patches", kwargs=kwargs, shard_size=64, batch_size=50)
+    arrays, _ = shardlib.load_state(_stored(paths))
+    assert set(arrays) == ({"filters", "bias"} | ({"components", "pca_mean"} if dim else set()))
+    restored = load_embedder(_stored(paths))
+    assert isinstance(restored, WhitenedPatchesEmbedder) and restored.random_state == 3
+    assert restored.dim_ == (dim or 2 * 16 * 4)
+    for batch_size in (None, 7):  # the block size does not change a row
+        assert np.array_equal(embed_new(restored, images, batch_size=batch_size), emb)
     assert class_probs_new(restored, images[test]) is None
 
 

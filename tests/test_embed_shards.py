@@ -126,13 +126,15 @@ def test_interrupted_proxy_resumes_from_stored_weights(digits_writer, tmp_path):
     assert np.array_equal(_emb(paths), _emb(other))
 
 
-@pytest.mark.parametrize("backend", ["pixels", "open_clip"])
+@pytest.mark.parametrize("backend", ["pixels", "open_clip", "whitened_patches"])
 def test_thread_pool_map_shards_gives_identical_embeddings(backend, digits_writer, tmp_path,
                                                            tiny_openclip_checkpoint):
     kwargs = {}
     if backend == "open_clip":
         name, config, checkpoint = tiny_openclip_checkpoint
         kwargs = {"model": name, "model_config": str(config), "pretrained": str(checkpoint)}
+    if backend == "whitened_patches":
+        kwargs = {"n_patches": 16, "fit_patches": 3000, "dim": 12, "pca_rows": 100}
     params = _params(backend=backend, shard_size=32, batch_size=32, kwargs=kwargs)
     local = digits_writer(tmp_path / "local", n=160)
     embed_stage.run(params, local)
