@@ -244,6 +244,9 @@ def summary_text(summary: dict[str, Any], root: Path) -> str:
         lines.append(f"  MLflow run: {tr['run_id']} ({tr['tracking_uri']})")
     else:
         lines.append("  MLflow: tracking disabled")
+    side = ", ".join(f"{n} {v}" for n, v in (summary.get("side") or {}).items())
+    if side:
+        lines.append(f"  beside the chain: {side}")
     lines.append(f"  DVC: {summary.get('dvc')}")
     lines.append(f"  look at: {root / 'artifacts'}/, `dataopt ui`, `dvc metrics show`")
     return "\n".join(lines)

@@ -33,14 +33,15 @@ def check_drift(batch: Optional[str] = None, project: str = ".", retrain: bool =
     parent run: the drift check (and the retrain's pipeline run) are nested under it."""
     logger = get_run_logger()
     paths = Paths.at(project)
-    params = load_params(paths.params)
-    entry = batches.get_batch(paths, batch)
-    newest = batches.read_manifest(paths)[-1]["name"]
-    overrides = [] if entry["name"] == newest else [f"drift.batch={entry['name']}"]
-    params = load_params(paths.params, overrides)
+    timeout = load_params(paths.params).schedule.lock_timeout
+    with WorkspaceLock(paths.root, f"check_drift {batch or 'newest'}", timeout=timeout):
+        recover(paths, logger)  # first: a dead retrain's params.yaml must not be the one read below
+        entry = batches.get_batch(paths, batch)
+        newest = batches.read_manifest(paths)[-1]["name"]
+        overrides = [] if entry["name"] == newest else [f"drift.batch={entry['name']}"]
+        params = load_params(paths.params, overrides)
     with flow_run(params, paths, "check_drift", parent_run_id, **{"dataopt.batch": entry["name"]}) as run_id:
         with WorkspaceLock(paths.root, f"check_drift {entry['name']}", timeout=params.schedule.lock_timeout):
-            recover(paths, logger)
             out = check_batch(params, paths, load_params(paths.params), say=logger.info, parent_run_id=run_id)
         verdict = out["report"]["verdict"]
         logger.info("batch %s: %s", entry["name"], verdict["why"])

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from prefect import flow, get_run_logger, tags
 
-from dataopt.artifacts import ORDER
+from dataopt.artifacts import ORDER, SIDE_STAGES
 from dataopt.config import Params, load_params
 from dataopt.errors import ConfigError
 from dataopt.io import read_json
@@ -92,6 +92,17 @@ def curate(
                                        "seconds": round(time.perf_counter() - t0, 2), "metrics": metrics}
             logger.info("%s: %s in %.1f s", name, summary["stages"][name]["status"],
                         summary["stages"][name]["seconds"])
+        # the stages beside the chain (drift) are brought up to date too, when DVC says they are stale,
+        # so that `dvc status` is clean after a `dataopt run` as after a `dvc repro`
+        summary["side"] = {}
+        for name in SIDE_STAGES:
+            why = None if cache is None or tainted else cache.stale(name)
+            if why is not None:
+                logger.info("%s: running (%s)", name, why)
+                stage_task(name, params).submit(name, params, str(paths.root)).result()
+                cache.commit(name)
+            summary["side"][name] = "ran" if why is not None else "skipped" if cache is None or tainted \
+                else "cached"
         status = {n: s["status"] for n, s in summary["stages"].items()}
         summary["tracking"] = track_task()(params, paths, "prefect", overrides, status, started_at=t_start,
                                            parent_run_id=parent_run_id)
