@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 
@@ -102,3 +103,25 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     take[: n - take.sum()] += 1
     rows = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, take)]
     return np.sort(np.concatenate(rows))
+
+
+def decode_images(table) -> np.ndarray:
+    """The ``image`` column (encoded bytes) of a CIFAR-10 parquet table as uint8 ``(n, H, W, 3)``."""
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in table.column("image").to_pylist()])
+
+
+def split_cifar_rows(sizes: dict[str, int], pool_test: int, seed: int, train_labels: np.ndarray,
+                     test_labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Disjoint stratified train row sets (``sizes``: name -> rows, in order) and ``pool_test`` test rows:
+    the split bench/drift.py caches its embeddings under, which bench/stream.py reuses."""
+    order = np.random.default_rng(seed).permutation(len(train_labels))
+    out, start = {}, 0
+    for name, n in sizes.items():
+        # a stratified subset of a larger random block keeps the classes balanced in every set
+        block = order[start:start + 2 * n]
+        out[name] = block[stratified_subset(train_labels[block], n, seed)]
+        start += 2 * n
+    out["pool_test"] = stratified_subset(test_labels, pool_test, seed)
+    return out

@@ -37,7 +37,6 @@ drift_timing.json), atomically after every cell, and prints markdown tables.
 """
 from __future__ import annotations
 
-import io
 import os
 import platform
 import sys
@@ -46,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import argument_parser, stratified_subset
+from common import argument_parser, decode_images, split_cifar_rows, stratified_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -100,27 +99,6 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------- data
 
-def decode(table) -> np.ndarray:
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in table.column("image").to_pylist()])
-
-
-def split_rows(args, train_labels: np.ndarray, test_labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Disjoint stratified train row sets (embedder, reference, pool) and the pool's test rows."""
-    rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(train_labels))
-    sizes = {"embedder": args.embedder_rows, "reference": args.reference_rows, "pool_train": args.pool_train}
-    out, start = {}, 0
-    for name, n in sizes.items():
-        # a stratified subset of a larger random block keeps the classes balanced in every set
-        block = order[start:start + 2 * n]
-        out[name] = block[stratified_subset(train_labels[block], n, args.seed)]
-        start += 2 * n
-    out["pool_test"] = stratified_subset(test_labels, args.pool_test, args.seed)
-    return out
-
-
 def train_embedder(images: np.ndarray, labels: np.ndarray, args):
     from dataopt.registry import EMBEDDERS
     import dataopt.plugins  # noqa: F401
@@ -144,8 +122,9 @@ def build_data(args) -> dict[str, np.ndarray]:
     train = pq.read_table(args.data / "train.parquet", columns=["image", "label"])
     test = pq.read_table(args.data / "test.parquet", columns=["image", "label"])
     ytr, yte = train.column("label").to_numpy().astype(int), test.column("label").to_numpy().astype(int)
-    rows = split_rows(args, ytr, yte)
-    take = lambda table, idx: decode(table.take(idx))  # noqa: E731
+    rows = split_cifar_rows({"embedder": args.embedder_rows, "reference": args.reference_rows,
+                             "pool_train": args.pool_train}, args.pool_test, args.seed, ytr, yte)
+    take = lambda table, idx: decode_images(table.take(idx))  # noqa: E731
     d = {"embedder_images": take(train, rows["embedder"]), "embedder_labels": ytr[rows["embedder"]],
          "ref_images": take(train, rows["reference"]), "ref_labels": ytr[rows["reference"]],
          "pool_images": take(train, rows["pool_train"]), "pool_labels": ytr[rows["pool_train"]],
@@ -171,10 +150,10 @@ def build_data(args) -> dict[str, np.ndarray]:
     d["nc_ref_emb"] = nc.transform(d["ref_images"])
     d["nc_pool_emb"] = nc.transform(d["pool_images"])
     d["total_prep_seconds"] = np.array(time.perf_counter() - t0)
+    from dataopt.io import save_npz  # the Evidently worker imports this script without dataopt's deps
+
     args.cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **d)
-    os.replace(tmp, path)
+    save_npz(path, **d)
     return d
 
 

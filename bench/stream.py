@@ -41,7 +41,6 @@ docs/img/stream.png, and prints a markdown table.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import platform
@@ -51,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import argument_parser, stratified_subset
+from common import argument_parser, decode_images, split_cifar_rows, stratified_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -98,25 +97,6 @@ def cache_key(s: dict) -> str:
             f"_c{s['corrupt']}_ep{s['epochs']}")
 
 
-def split_rows(s: dict, train_labels: np.ndarray, test_labels: np.ndarray) -> dict[str, np.ndarray]:
-    """bench/drift.py's disjoint stratified train row sets (embedder, reference, pool), seed 0."""
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(train_labels))
-    out, start = {}, 0
-    for name, n in (("embedder", s["embedder"]), ("reference", s["reference"]), ("pool_train", s["pool_train"])):
-        block = order[start:start + 2 * n]
-        out[name] = block[stratified_subset(train_labels[block], n, 0)]
-        start += 2 * n
-    out["pool_test"] = stratified_subset(test_labels, s["pool_test"], 0)
-    return out
-
-
-def decode(table) -> np.ndarray:
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in table.column("image").to_pylist()])
-
-
 def load_data(args) -> dict[str, np.ndarray]:
     """The cached embeddings (bench/drift.py's file, else ours, else built now) plus the pool's
     CIFAR-10N ``random_label1``."""
@@ -126,7 +106,8 @@ def load_data(args) -> dict[str, np.ndarray]:
     train_cols = pq.read_table(args.data / "train.parquet", columns=["label", "random_label1"])
     ytr = train_cols.column("label").to_numpy().astype(int)
     yte = pq.read_table(args.data / "test.parquet", columns=["label"]).column("label").to_numpy().astype(int)
-    rows = split_rows(s, ytr, yte)
+    rows = split_cifar_rows({k: s[k] for k in ("embedder", "reference", "pool_train")}, s["pool_test"], 0,
+                            ytr, yte)  # bench/drift.py's split, seed 0
     found = [p for p in (args.cache / f"drift_{key}.npz", args.cache / f"stream_{key}.npz") if p.exists()]
     d = dict(np.load(found[0])) if found else build_cache(args, rows, args.cache / f"stream_{key}.npz")
     if not np.array_equal(d["pool_labels"], ytr[rows["pool_train"]]):
@@ -147,7 +128,7 @@ def build_cache(args, rows: dict, path: Path) -> dict[str, np.ndarray]:
     train = pq.read_table(args.data / "train.parquet", columns=["image", "label"])
     test = pq.read_table(args.data / "test.parquet", columns=["image", "label"])
     ytr, yte = train.column("label").to_numpy().astype(int), test.column("label").to_numpy().astype(int)
-    img = {k: decode((test if k == "pool_test" else train).take(v)) for k, v in rows.items()}
+    img = {k: decode_images((test if k == "pool_test" else train).take(v)) for k, v in rows.items()}
     t0 = time.perf_counter()
     emb = EMBEDDERS.get("proxy")(epochs=s["epochs"], folds=0, device="cpu", random_state=0)
     emb.fit(img["embedder"], ytr[rows["embedder"]], n_classes=N_CLASSES)
@@ -162,10 +143,10 @@ def build_cache(args, rows: dict, path: Path) -> dict[str, np.ndarray]:
         d[f"{name}_images"] = corrupt(d["pool_images"][d["corrupt_rows"]], kind, int(sev), rng)
         d[f"{name}_emb"] = emb.transform(d[f"{name}_images"])
     d["total_prep_seconds"] = np.array(time.perf_counter() - t0)
+    from dataopt.io import save_npz
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **d)
-    os.replace(tmp, path)
+    save_npz(path, **d)
     return d
 
 
@@ -519,9 +500,10 @@ def main(argv=None) -> None:
     res["targets"] = {p: targets(runs, noise, p) for p in LOOPS}
     out = args.out / ("stream_cifar10_quick.json" if args.quick else "stream_cifar10.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-    os.replace(tmp, out)
+    from dataopt.io import atomic_path
+
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(res, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
     plot(runs, args.plot)
     print(table(runs))
     print(json.dumps(res["targets"], indent=1))
