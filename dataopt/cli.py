@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from dataopt import interrupt, stages
+from dataopt import interrupt, profiles, stages
 from dataopt.config import load_params
 from dataopt.errors import DataWarning, UserError
 from dataopt.artifacts import dvc_yaml
@@ -27,7 +27,7 @@ from dataopt.cli_data import add_commands as add_data_commands
 from dataopt.cli_service import add_commands as add_service_commands
 from dataopt.cli_service import use_servers
 from dataopt.cli_models import add_commands as add_models_commands
-from dataopt.io import atomic_path
+from dataopt.io import atomic_path, read_json
 from dataopt.lock import WorkspaceLock, describe
 from dataopt.paths import Paths, check_sources
 
@@ -235,6 +235,9 @@ def summary_text(summary: dict[str, Any], root: Path) -> str:
     lines = ["", "dataopt run summary", f"  {'stage':<10} {'status':<7} {'seconds':>8}"]
     for name, s in summary["stages"].items():
         lines.append(f"  {name:<10} {s['status']:<7} {s['seconds']:>8.1f}")
+    line = profiles.describe(stages.defaults_applied(Paths.at(root)))
+    if line:
+        lines.append(f"  defaults for this machine: {line}")
     ev = summary["stages"].get("evaluate", {}).get("metrics", {})
     for key, label in (("accuracy", "test accuracy"), ("cost_ratio", "cost ratio (vs full data)")):
         if isinstance(ev.get(key), (int, float)):

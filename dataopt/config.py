@@ -13,13 +13,18 @@ import copy
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dataopt import registry
 from dataopt.errors import ConfigError
+
+# a value of the keys listed in dataopt.profiles.AUTO_KEYS: chosen per machine and dataset size
+AUTO = "auto"
+AutoFloat = Union[Literal["auto"], Annotated[float, Field(gt=0)]]
+AutoDecay = Union[Literal["auto"], Annotated[float, Field(ge=0)]]
 
 STAGE_SECTIONS = ("ingest", "embed", "perceive", "analyze", "optimize", "train", "evaluate")
 
@@ -59,7 +64,7 @@ class IngestParams(Section):
 
 
 class EmbedParams(Section):
-    backend: str = "pixels"
+    backend: str = AUTO
     # the two settings every model-based backend has, as first-class keys (e.g. open_clip:
     # `--set embed.model=ViT-B-32 --set embed.pretrained=ckpt.safetensors`); merged into kwargs
     model: Optional[str] = None
@@ -97,8 +102,8 @@ class PerceiveParams(Section):
     epochs: int = Field(12, ge=1)
     early_epochs: int = Field(3, ge=1)
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.05, gt=0)
-    weight_decay: float = Field(5e-4, ge=0)
+    lr: AutoFloat = AUTO
+    weight_decay: AutoDecay = AUTO
     augment: Literal["none", "crop", "flip_crop"] = "none"  # image models only
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     max_seconds: Optional[float] = Field(None, gt=0)
@@ -244,14 +249,14 @@ class AdaAugmentParams(Section):
 
 class TrainParams(Section):
     model: str = "small_cnn"
-    mode: Literal["image", "head"] = "image"  # head: a classifier on the embed stage's embeddings
+    mode: Literal["auto", "image", "head"] = AUTO  # head: a classifier on the embed stage's embeddings
     hidden: int = Field(0, ge=0)  # head: hidden units (0 = linear)
     width: int = Field(32, ge=4)
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.05, gt=0)
+    lr: AutoFloat = AUTO
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
+    weight_decay: AutoDecay = AUTO
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     augment: Literal["none", "flip_crop", "crop"] = "none"
     translate: Optional[int] = Field(None, ge=1)  # crop: largest shift in px; null = image width // 8

@@ -37,9 +37,10 @@ import dataopt.perceive.signals  # noqa: F401  (SIGNALS)
 import dataopt.train.dynamic_selection  # noqa: F401  (DYNAMIC_SELECTORS)
 import dataopt.train.nets  # noqa: F401  (MODELS)
 from dataopt import registry
-from dataopt.config import OPTIMIZE_FAMILIES, Params
+from dataopt.config import AUTO, OPTIMIZE_FAMILIES, Params
 from dataopt.errors import ConfigError
 from dataopt.perceive.dynamics import perceive_models
+from dataopt.profiles import PROFILES
 from dataopt.train.adaaugment import AdaAugment
 
 # AdaAugment kwargs the train stage sets itself (from the data and train.*), never from params.yaml
@@ -72,11 +73,20 @@ def _adaaugment(kwargs: dict) -> None:
         raise ConfigError(f"unknown kwargs {unknown}; valid: {', '.join(valid)}")
 
 
+def _embed_backend(p: Params) -> None:
+    if p.embed.backend != AUTO:
+        return _kwargs("EMBEDDERS", p.embed.backend, p.embed.backend_kwargs())
+    if p.embed.backend_kwargs():  # auto may pick either backend: kwargs meant for one would misfire
+        raise ConfigError(f"embed.kwargs / model / pretrained need a named embed.backend, not 'auto' (it "
+                          f"picks {' or '.join(sorted({v['embed.backend'] for v in PROFILES.values()}))} "
+                          f"per machine); got {sorted(p.embed.backend_kwargs())}")
+
+
 def _checks(p: Params) -> list[tuple[str, Callable[[], None]]]:
     """``(where, check)`` for every method name params.yaml gives, in the order of the file."""
     checks = [
         ("ingest.source", lambda: _kwargs("SOURCES", p.ingest.source)),
-        ("embed.backend", lambda: _kwargs("EMBEDDERS", p.embed.backend, p.embed.backend_kwargs())),
+        ("embed.backend", lambda: _embed_backend(p)),
         ("perceive.model", lambda: _perceive_model(p.perceive.model)),
     ]
     checks += [("perceive.signals", lambda n=n: _kwargs("SIGNALS", n)) for n in p.perceive.signals or []]

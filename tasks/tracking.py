@@ -30,7 +30,8 @@ from dataopt.config import Params
 from dataopt.io import file_digest, read_json, write_json
 from dataopt.lock import process_alive
 from dataopt.paths import Paths
-from dataopt.stages import ORDER, STAGE_FILE, launcher
+from dataopt.profiles import describe
+from dataopt.stages import ORDER, STAGE_FILE, defaults_applied, launcher
 
 PARAM_VALUE_LIMIT = 500  # MLflow rejects longer param values on some stores
 DIGEST_LIMIT = 32  # MLflow's dataset digest column is String(36); the full sha256 goes in a tag
@@ -164,20 +165,26 @@ def _requirements() -> list[str]:
     return out
 
 
-def log_model(uri: str, run_id: str, model_dir: Path) -> str:
+def log_model(uri: str, run_id: str, model_dir: Path, embedder: Optional[Path] = None) -> str:
     """Log ``model_dir`` (safetensors + config.json) as the pyfunc model ``model`` of run ``run_id``
-    (models-from-code, ``tasks/mlflow_model.py``; nothing pickled). Returns its ``models:/`` URI."""
+    (models-from-code, ``tasks/mlflow_model.py``; nothing pickled). A head (trained on embeddings) is
+    logged with ``embedder`` (the embed stage's ``embedder.safetensors``) so that it predicts from
+    images, as an image model does. Returns its ``models:/`` URI."""
     import mlflow
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    from tasks.mlflow_model import ARTIFACT
+    from tasks.mlflow_model import ARTIFACT, EMBEDDER
 
+    artifacts = {ARTIFACT: str(model_dir)}
+    kind = (json.loads((model_dir / "config.json").read_text()).get("input") or {}).get("kind")
+    if kind == "embedding" and embedder is not None and embedder.is_file():
+        artifacts[EMBEDDER] = str(embedder)
     # the fluent API gives the logged model the run's experiment and links it to the run; the
     # run's end time is set again by the caller
     with _use_tracking_uri(uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no signature / input example": a model of raw arrays
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(MODEL_CODE), artifacts={ARTIFACT: str(model_dir)},
+            name="model", python_model=str(MODEL_CODE), artifacts=artifacts,
             pip_requirements=_requirements())
     return info.model_uri
 
@@ -287,10 +294,14 @@ def log_run(
                     client.log_artifact(run_id, str(d / name), f"reports/{stage}")
         client.log_text(run_id, yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False),
                         "params.yaml")
+        chosen = defaults_applied(paths)
+        if chosen:  # what the `auto` keys became on this machine (params show "auto")
+            client.log_batch(run_id, tags=[RunTag("dataopt.defaults", describe(chosen)[:5000])],
+                             params=[Param(f"resolved.{k}", str(v)) for k, v in chosen["applied"].items()])
         model_dir = art / "train" / "model"
         if params.tracking.log_model and model_dir.is_dir():
             t0 = time.perf_counter()
-            model_uri = log_model(uri, run_id, model_dir)
+            model_uri = log_model(uri, run_id, model_dir, art / "embed" / "embedder.safetensors")
             client.set_tag(run_id, "dataopt.model_uri", model_uri)
             client.log_metric(run_id, "track.log_model_seconds", time.perf_counter() - t0)
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dataopt"
 
 LEAVES = ("dataopt.errors", "dataopt.registry", "dataopt.image_kernels", "dataopt.interrupt")
-SCHEMA_LAYER = ("dataopt.config", "dataopt.paths", "dataopt.io", "dataopt.schema", "dataopt.artifacts",
+SCHEMA_LAYER = ("dataopt.config", "dataopt.paths", "dataopt.io", "dataopt.schema", "dataopt.artifacts", "dataopt.profiles",
                 "dataopt.lock", "dataopt.batches")
 FAMILIES = ("dataopt.ingest", "dataopt.embed", "dataopt.perceive", "dataopt.analyze", "dataopt.drift",
             "dataopt.optimize", "dataopt.train", "dataopt.evaluate", "dataopt.demo")

@@ -152,3 +152,32 @@ def test_model_is_a_registrable_pyfunc_model_predicting_like_evaluate(trained):
     finally:
         mlflow.set_tracking_uri(None)
     print(f"log_run with the model: {seconds:.2f} s")
+
+
+def test_head_model_is_logged_with_its_embedder_and_predicts_from_images(tmp_path):
+    """A head (train.mode head) scores images like the evaluate stage: the registry compares champion and
+    challenger on the same images even when each retrain refitted the embedder."""
+    import mlflow
+
+    from tasks.tracking import log_run
+
+    paths = digits_project(tmp_path)
+    plan_keeping(paths)
+    p = eval_params()
+    p = p.model_copy(update={"train": p.train.model_copy(update={"mode": "head", "epochs": 3})})
+    run_stage("embed", p, paths)
+    run_stage("train", p, paths)
+    evaluated = run_stage("evaluate", p, paths)
+    info = log_run(p, paths)
+    s = pd.read_parquet(paths.artifacts / "ingest" / "samples.parquet")
+    test = (s["split"] == "test").to_numpy()
+    images = np.load(paths.artifacts / "ingest" / "images.npy")[test]
+    mlflow.set_tracking_uri(info["tracking_uri"])
+    try:
+        model = mlflow.pyfunc.load_model(f"runs:/{info['run_id']}/model")
+        probs = model.predict(images)
+        assert (probs.argmax(1) == s.loc[test, "label"].to_numpy()).mean() == pytest.approx(evaluated["accuracy"])
+        emb = np.load(paths.artifacts / "embed" / "embeddings.npy")[test].astype(np.float32)
+        np.testing.assert_allclose(model.predict(emb), probs, atol=1e-6)
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -19,10 +19,13 @@ from types import ModuleType
 from typing import Any, Optional
 
 from dataopt import artifacts as art
-from dataopt.artifacts import ORDER, SIDE_STAGES, stage_context
+from dataopt import profiles
+from dataopt.artifacts import ORDER, SIDE_STAGES, read_samples, stage_context
 from dataopt.config import Params
 from dataopt.errors import ConfigError
+from dataopt.io import read_json
 from dataopt.paths import Paths
+from dataopt.schema import TRAIN
 
 __all__ = ["ALL", "ORDER", "module", "run_stage"]
 ALL = ORDER + SIDE_STAGES  # every stage `dataopt stage` runs
@@ -86,13 +89,40 @@ def headline(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: metrics[k] for k in HEADLINE[name] if k in metrics}
 
 
+def machine_defaults(params: Params, paths: Paths) -> tuple[Params, dict[str, Any]]:
+    """``params`` with its ``auto`` keys filled for this machine and the ingested train split (see
+    :mod:`dataopt.profiles`), and the record of what was filled and why."""
+    if not any(profiles.value_of(params, k) == profiles.AUTO for k in profiles.AUTO_KEYS):
+        return params, {}
+    import torch  # why: the device decides the profile; torch is heavy and only needed when a key is auto
+
+    split = read_samples(paths, ["split"])["split"]
+    return profiles.resolve(params, int((split == TRAIN).sum()), torch.cuda.is_available())
+
+
+def defaults_applied(paths: Paths) -> dict[str, Any]:
+    """The ``auto`` keys the chain's stages filled and why (their ``stage.json``; {} when none)."""
+    record: dict[str, Any] = {}
+    for name in ORDER:
+        f = paths.artifacts / name / STAGE_FILE
+        rec = (read_json(f).get("defaults") or {}) if f.exists() else {}
+        if rec:
+            record = {**rec, "applied": {**record.get("applied", {}), **rec["applied"]}}
+    return record
+
+
 def run_stage(name: str, params: Params, paths: Paths, **hooks: Any) -> dict[str, Any]:
     """Run one stage, write ``artifacts/<name>/{metrics,stage}.json`` and return all its metrics.
 
-    ``hooks`` are passed to the stage's ``run`` (e.g. ``map_shards`` for ``embed``: how an
-    orchestrator runs the per-shard work; see ``dataopt.embed.run``).
+    Every stage after ``ingest`` sees ``params`` with its ``auto`` keys filled (:func:`machine_defaults`);
+    ``stage.json`` records which and why. ``hooks`` are passed to the stage's ``run`` (e.g.
+    ``map_shards`` for ``embed``: how an orchestrator runs the per-shard work; see ``dataopt.embed.run``).
     """
     mod = module(name)
+    defaults: dict[str, Any] = {}
+    if name != "ingest":  # ingest reads no auto key, and the train split it writes chooses the profile
+        with stage_context(name):
+            params, defaults = machine_defaults(params, paths)
     art.remove_stale_temps(paths, name)  # of a killed earlier run: every artifact is old or new
     started = time.time()
     t0 = time.perf_counter()
@@ -102,6 +132,6 @@ def run_stage(name: str, params: Params, paths: Paths, **hooks: Any) -> dict[str
     with stage_context(name):
         art.write_json(paths, f"{name}/{STAGE_FILE}", {
             "stage": name, "started_at": started, "ended_at": time.time(), "launcher": launcher(),
-            "metrics": metrics})
+            "metrics": metrics, **({"defaults": defaults} if defaults.get("applied") else {})})
         art.write_json(paths, f"{name}/{METRICS_FILE}", headline(name, metrics))
     return metrics

@@ -31,12 +31,14 @@ from dataopt.config import Params
 from dataopt.embed.run import MapShards, embed, save_embedder
 from dataopt.errors import DataError
 from dataopt.paths import Paths
+from dataopt.stages import machine_defaults
 from dataopt.registry import EMBEDDERS
 from dataopt.schema import TRAIN
 
 
 def run(params: Params, paths: Paths, map_shards: Optional[MapShards] = None) -> dict[str, Any]:
     """Run the embed stage; ``map_shards`` runs the shard work (see :mod:`dataopt.embed.run`)."""
+    params, _ = machine_defaults(params, paths)  # a direct call (run_stage has filled them)
     cfg = params.embed
     t0 = time.perf_counter()
     samples = read_samples(paths, ["sample_id", "split", "label", "label_name"])

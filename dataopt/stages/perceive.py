@@ -19,6 +19,7 @@ from dataopt.artifacts import read_images, read_samples, read_text_embeddings
 from dataopt.config import Params
 from dataopt.errors import DataError
 from dataopt.paths import Paths
+from dataopt.stages import machine_defaults
 from dataopt.perceive.run import perceive
 from dataopt.schema import TRAIN
 
@@ -81,6 +82,7 @@ def _optional_int_column(paths: Paths, name: str, rows: np.ndarray) -> np.ndarra
 # ----------------------------------------------------------------------------- running
 
 def run(params: Params, paths: Paths) -> dict[str, Any]:
+    params, _ = machine_defaults(params, paths)  # a direct call (run_stage has filled them)
     t0 = time.perf_counter()
     inputs = _read(params, paths)
     res = perceive(**inputs, cfg=params.perceive, seed=params.seed)

@@ -19,6 +19,7 @@ from dataopt import artifacts as art
 from dataopt.config import Params
 from dataopt.errors import DataError
 from dataopt.paths import Paths
+from dataopt.stages import machine_defaults
 from dataopt.registry import DYNAMIC_SELECTORS
 from dataopt.train import loop
 from dataopt.train.checkpoint import save_model
@@ -36,6 +37,7 @@ def _kept_signals(paths: Paths, plan: pd.DataFrame) -> pd.DataFrame:
 
 
 def run(params: Params, paths: Paths) -> dict[str, Any]:
+    params, _ = machine_defaults(params, paths)  # a direct call (run_stage has filled them)
     samples = art.read_frame(paths, "ingest/samples.parquet", ["sample_id", "split", "label", "label_name"])
     images = art.read_images(paths, len(samples))
     plan_path = art.locate(paths, "optimize/plan.parquet")
