@@ -193,12 +193,12 @@ class WhitenedPatchesEmbedder(Embedder):
         passes of a fixed size: the last pass is padded, so a row is computed by the same kernels (the
         same product shapes) whatever block or worker holds it, and comes out bit for bit the same."""
         step = self._pass_size()
-        out = []
+        out, buffers = [], {}
         for s in range(0, len(images), step):
             block = np.array(images[s : s + step])
             if len(block) < step:
                 block = np.concatenate([block, np.zeros((step - len(block), *block.shape[1:]), block.dtype)])
-            out.append(self._pooled(block, project)[: min(step, len(images) - s)])
+            out.append(self._pooled(block, project, buffers)[: min(step, len(images) - s)])
         width = self.dim_ if project else 2 * len(self.bias_) * int(self.pool) ** 2
         return np.concatenate(out) if out else np.zeros((0, width), np.float32)
 
@@ -212,32 +212,40 @@ class WhitenedPatchesEmbedder(Embedder):
         return self._pool_cache[1]
 
     @torch.no_grad()
-    def _pooled(self, block: np.ndarray, project: bool = False) -> np.ndarray:
+    def _pooled(self, block: np.ndarray, project: bool = False, buffers: Optional[dict] = None) -> np.ndarray:
         """``(b, H, W, C)`` uint8 -> ``(b, 2 * K * pool**2)`` float32 pooled responses (``project`` and a
-        fitted PCA: ``(b, dim_)``)."""
+        fitted PCA: ``(b, dim_)``). ``buffers``: work arrays reused by the passes of one call (a pass
+        allocating its 0.2 GB anew costs as much as its product, in page faults)."""
         dev = torch.device(self.device_)
         k, c, size, _ = self.filters_.shape
-        # torch.tensor copies into torch's (64-byte aligned) memory: a state restored from a file and the
-        # fitted one then run the same vector code paths, to the last bit
-        w = torch.tensor(self.filters_, device=dev).view(k, -1)
-        x = torch.from_numpy(block).to(dev).permute(0, 3, 1, 2).float()
-        out_h, out_w = x.shape[2] - size + 1, x.shape[3] - size + 1
-        # positions-major patch columns (b, positions, C*size*size), contrast-normalised here, on the
-        # narrow side of the product (not on its K-wide output)
-        cols = F.unfold(x, size).transpose(1, 2)
-        mean = cols.mean(2, keepdim=True)
-        var = (cols * cols).mean(2, keepdim=True) - mean * mean
-        cols = (cols - mean) / (var.clamp_min_(0) + _CONTRAST_EPS).sqrt_()
-        # the convolution as one product, bias and threshold folded in: z - t, (b, positions, K)
         t = float(self.threshold)
-        shifted = torch.baddbmm((-torch.tensor(self.bias_, device=dev) - t).expand(len(x), 1, k),
-                                cols, w.T.expand(len(x), -1, -1))
+        x = torch.from_numpy(block).to(dev).float()  # (b, H, W, C)
+        b, out_h, out_w, d = len(x), x.shape[1] - size + 1, x.shape[2] - size + 1, c * size * size
+        buf = buffers if buffers is not None else {}
+        if buf.get("shape") != (b, out_h, out_w, str(dev)):
+            # torch.tensor copies into torch's (64-byte aligned) memory: a state restored from a file and
+            # the fitted one then run the same vector code paths, to the last bit. The bias and threshold
+            # ride in the product as a last row against a column of ones: z - t without a pass of its own
+            w = torch.tensor(self.filters_, device=dev).view(k, d).T
+            buf.update(shape=(b, out_h, out_w, str(dev)),
+                       weights=torch.cat([w, (-torch.tensor(self.bias_, device=dev) - t)[None]]).contiguous(),
+                       cols=torch.ones(b, out_h * out_w, d + 1, device=dev),
+                       z=torch.empty(b * out_h * out_w, k, device=dev), low=torch.empty(b * out_h * out_w, k, device=dev))
+        # the patch columns, positions-major and channel-first (the filters' layout), copied from a
+        # strided view (F.unfold's im2col took a third of the time), contrast-normalised on the narrow side
+        cols = buf["cols"]
+        v = cols[..., :d]
+        v.view(b, out_h, out_w, c, size, size).copy_(x.unfold(1, size, 1).unfold(2, size, 1))
+        mean = v.mean(2, keepdim=True)
+        var = (v * v).mean(2, keepdim=True) - mean * mean
+        v.sub_(mean).div_((var.clamp_min_(0) + _CONTRAST_EPS).sqrt_())
+        shifted = torch.mm(cols.view(-1, d + 1), buf["weights"], out=buf["z"])  # z - t, (b * positions, K)
         # average pooling as a product with a (grid cells, positions) matrix whose rows sum to 1, so
-        # pool(relu(z - t)) = pool(relu(z - t)) and pool(relu(-z - t)) = -pool(min(z - t, -2t)) - 2t: two
-        # passes over the responses, the CPU's bottleneck next to the product
+        # pool(relu(-z - t)) = -pool(min(z - t, -2t)) - 2t: two passes over the responses
         pool = self._pool_matrix(out_h, out_w, dev)
-        neg = (pool @ torch.clamp(shifted, max=-2 * t)).neg_().sub_(2 * t)  # (b, cells, K)
-        pos = pool @ shifted.relu_()
+        low = torch.clamp(shifted, max=-2 * t, out=buf["low"]).view(b, -1, k)
+        neg = torch.matmul(pool, low).neg_().sub_(2 * t)  # (b, cells, K)
+        pos = torch.matmul(pool, shifted.relu_().view(b, -1, k))
         # feature order: sign, atom, grid cell
         f = torch.cat([pos, neg], 2).transpose(1, 2).flatten(1)
         if project and self.components_ is not None:
