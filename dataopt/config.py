@@ -71,6 +71,7 @@ class EmbedParams(Section):
     pretrained: Optional[str] = None
     kwargs: dict[str, Any] = {}
     knn_k: int = Field(10, ge=1, le=1000)
+    knn_dim: Optional[int] = Field(512, ge=1)  # search among this many principal components of wider embeddings
     knn_exact_max: int = Field(100_000, ge=0)  # exact faiss search up to this many train rows, IVF above
     knn_nlist: Optional[int] = Field(None, ge=1)  # IVF lists; None = ~4 sqrt(n_train)
     knn_nprobe: int = Field(32, ge=1)  # IVF lists visited per query

@@ -191,3 +191,22 @@ def test_duplicate_groups_none_for_distinct_points_and_errors():
         duplicate_groups(idx, dist, -1.0)
     with pytest.raises(DataError, match="sample ids"):
         duplicate_groups(idx, dist, 0.1, np.arange(3))
+
+
+def test_wide_embeddings_are_searched_in_their_principal_components():
+    from dataopt.embed.knn import search_space
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(300, 8)) @ rng.normal(size=(8, 64))  # 64 wide, rank 8
+    x = (base / np.linalg.norm(base, axis=1, keepdims=True)).astype(np.float32)
+    x[7] = x[3]
+    same, info = search_space(x, 64)
+    assert same is x and info == {}
+    low, info = search_space(x, 16, seed=1)
+    assert low.shape == (300, 16) and info["projected"]["from_dim"] == 64
+    assert info["projected"]["explained_variance"] > 0.99  # rank 8 < 16: nothing lost
+    np.testing.assert_allclose(np.linalg.norm(low, axis=1), 1, atol=1e-5)
+    idx, dist, _ = knn_graph(low, 5)
+    full_idx, _, _ = knn_graph(x, 5)
+    assert dist[3, 0] == 0 and idx[3, 0] == 7
+    assert (idx[:, 0] == full_idx[:, 0]).mean() > 0.95  # the same nearest neighbours

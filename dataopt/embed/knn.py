@@ -18,6 +18,8 @@ from typing import Any, Iterator, Literal, Optional
 import faiss
 import numpy as np
 import torch
+from sklearn.decomposition import PCA
+from threadpoolctl import threadpool_limits
 
 from dataopt.errors import ConfigError, DataError
 
@@ -79,6 +81,28 @@ def gpu_backend(use_gpu: Optional[bool] | str = None) -> Optional[str]:
 def default_nlist(n: int) -> int:
     """IVF lists for ``n`` rows: ~4 sqrt(n), and at least 39 training rows per list (faiss' minimum)."""
     return int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
+
+
+SEARCH_FIT_ROWS = 5000  # train rows the search projection's principal components are fitted on
+
+
+def search_space(vectors: np.ndarray, dim: Optional[int], seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """``vectors`` as the neighbour search sees them: unchanged when ``dim`` is None or they are no wider,
+    else their first ``dim`` principal components (fitted on a seeded sample of ``SEARCH_FIT_ROWS``
+    rows), L2-normalised. A flat search costs n^2 d: 50,000 whitened_patches rows of 8,192 coordinates
+    would take ~7 minutes on 2 cores, their 512 components ~20 s; neighbours and duplicates are then
+    those of the projection (``info["projected"]`` says so), identical rows still at distance 0."""
+    n, d = vectors.shape
+    if dim is None or d <= dim or n < 2:
+        return vectors, {}
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(n, SEARCH_FIT_ROWS), replace=False))
+    n_components = min(int(dim), len(rows))
+    with threadpool_limits(limits=1, user_api="blas"):  # the same components on any machine
+        pca = PCA(n_components, svd_solver="randomized", random_state=seed).fit(vectors[rows])
+    out = ((vectors - pca.mean_) @ pca.components_.T).astype(np.float32)
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out, {"projected": {"from_dim": int(d), "to_dim": int(n_components), "fit_rows": int(len(rows)),
+                               "explained_variance": round(float(pca.explained_variance_ratio_.sum()), 4)}}
 
 
 def knn_graph(

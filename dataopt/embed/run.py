@@ -53,7 +53,7 @@ import dataopt.embed.openclip  # noqa: F401  (EMBEDDERS)
 from dataopt.embed import shards as shardlib
 from dataopt.embed.base import Embedder, check_finite
 from dataopt.embed.duplicates import duplicate_groups
-from dataopt.embed.knn import knn_graph
+from dataopt.embed.knn import knn_graph, search_space
 from dataopt.errors import DataError
 from dataopt.io import file_digest, load_npy, save_npy
 from dataopt.registry import EMBEDDERS, get_params
@@ -394,8 +394,9 @@ def embed(images: np.ndarray, sample_id: np.ndarray, labels: np.ndarray, label_n
 
     train_sid = sample_id[train_idx]
     # search the stored float16 values so downstream distances agree with embeddings.npy
+    searched, projection = search_space(np.asarray(emb16[train_idx], dtype=np.float32), cfg.knn_dim, seed)
     indices, distances, knn_info = knn_graph(
-        np.asarray(emb16[train_idx], dtype=np.float32), cfg.knn_k, metric="ip",
+        searched, cfg.knn_k, metric="ip",
         exact_max=cfg.knn_exact_max, nlist=cfg.knn_nlist, nprobe=cfg.knn_nprobe,
         use_gpu=cfg.knn_device, seed=seed)
     lap("knn")
@@ -431,7 +432,7 @@ def embed(images: np.ndarray, sample_id: np.ndarray, labels: np.ndarray, label_n
                    "reused": len(specs) - len(pending), "computed": len(pending),
                    "kept": bool(cfg.keep_shards), "fit_reused": bool(fit_reused),
                    "workers": sorted({r["worker"] for r in results if not r.get("skipped")})},
-        "knn": {**knn_info, "distance": "euclidean", "rows": "train"},
+        "knn": {**knn_info, **projection, "distance": "euclidean", "rows": "train"},
         "duplicates": {key: duplicates[key] for key in ("threshold", "n_groups", "n_samples_in_groups")},
         "faiss_version": faiss.__version__,
         "torch_version": torch.__version__,
