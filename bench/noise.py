@@ -61,9 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=None, help="perceive.batch_size (default: params)")
-    ap.add_argument("--lr", type=float, default=None, help="perceive.lr (default: params)")
-    ap.add_argument("--weight-decay", type=float, default=None,
-                    help="perceive.weight_decay (default: params)")
+    # the values the tables were measured with (params.yaml's `auto` would pick by size and device)
+    ap.add_argument("--lr", type=float, default=0.05, help="perceive.lr (whitened_patches: 0.01)")
+    ap.add_argument("--weight-decay", type=float, default=5e-4,
+                    help="perceive.weight_decay (whitened_patches: 0.005)")
     ap.add_argument("--augment", default="none", choices=["none", "crop", "flip_crop"],
                     help="perceive.augment (image models)")
     ap.add_argument("--label-smoothing", type=float, default=0.0, help="perceive.label_smoothing")

@@ -182,7 +182,8 @@ def prepare(args: argparse.Namespace, label_column: str, subset: np.ndarray, tra
                    "label_name_column": None},
         "embed": {"backend": args.embed_backend, "kwargs": args.embed_kwargs, "device": "cpu"},
         "perceive": {"model": "head", "hidden": args.hidden, "epochs": args.perceive_epochs,
-                     "early_epochs": 3, "device": "cpu", **args.perceive_kwargs},
+                     "early_epochs": 3, "device": "cpu", "lr": 0.05, "weight_decay": 5e-4,  # the tables'
+                     **args.perceive_kwargs},
         "analyze": {"detector": args.detector},
         "tracking": {"enabled": False},
     })

@@ -294,6 +294,9 @@ class TrackingParams(Section):
 class OrchestrationParams(Section):
     task_runner: Literal["threads", "dask"] = "threads"
     dask_address: Optional[str] = None
+    # tasks (embed shards) the thread runner runs at once: a shard's torch / BLAS work already uses
+    # every core, so more threads only add memory (whitened_patches: ~0.6 GB a shard) and thrash
+    threads: int = Field(1, ge=1)
     retries: int = Field(1, ge=0)
     retry_delay_seconds: float = Field(1.0, ge=0)
     cache: bool = True

@@ -41,7 +41,7 @@ def task_runner(params: Params) -> Any:
         return DaskTaskRunner(address=orch.dask_address) if orch.dask_address else DaskTaskRunner()
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    return ThreadPoolTaskRunner()
+    return ThreadPoolTaskRunner(max_workers=orch.threads + 1)  # + the stage task waiting on its shards
 
 
 @flow(name="curate", log_prints=True)

@@ -5,6 +5,7 @@ submits only those.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 from prefect import task
@@ -15,6 +16,18 @@ from dataopt.config import Params
 from dataopt.errors import UserError
 from dataopt.paths import Paths
 from tasks.tracking import log_run
+
+
+class _ReservedParentThread(logging.Filter):
+    """Prefect warns when a task submits children while every worker thread is busy, in case the parent
+    blocks on them with none free. The flow's runner reserves a thread for the one parent there is (the
+    embed task; ``orchestration.threads`` + 1 workers), so the children only queue: not a deadlock."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "from within another task" not in record.getMessage()
+
+
+logging.getLogger("prefect.task_runner.threadpool").addFilter(_ReservedParentThread())
 
 
 def map_shards_threads(fn: Callable, specs: list[dict]) -> list:
