@@ -13,12 +13,19 @@ were only not enough to prove a gain and are deferred: the next retrain pools th
 journal (``.dataopt/retrain.json``) makes a retrain killed midway roll back the same way when the next
 loop flow starts.
 
-The frozen evaluation set is the reference's held-out split: batches only ever add training rows, so
-it never contains training data, and its sample ids' digest is recorded with every decision. Champion
-and challenger are both loaded from the MLflow registry and scored on the same images. With no
-champion yet, the model of the last ``dataopt run`` (``artifacts/track/run.json``) becomes the first
-one, so the first challenger has something to beat. One writer at a time: the flow holds the workspace
-lock (a second trigger waits up to ``schedule.lock_timeout`` seconds, then is skipped with its reason).
+The frozen evaluation set is the reference's held-out split: batches never add rows to it, so it never
+contains training data, and its sample ids' digest is recorded with every decision. Champion and
+challenger are both loaded from the MLflow registry and scored on the same images; the rule is judged
+on this set alone. Beside it, both are scored on each new batch's held-out part (split ``holdout``,
+``ingest.batch_holdout`` of each class, never trained on): accuracy and rows per batch, against the
+batch's own labels (so a noisy-labels batch is scored against its noisy labels), recorded with the
+decision as ``numbers["batch_holdout"]`` (the decision log, the registry version's tags, the flow's
+result) and as the run's ``dataopt.batch_holdout`` tag, but never deciding it.
+
+With no champion yet, the model of the last ``dataopt run`` (``artifacts/track/run.json``) becomes the
+first one, so the first challenger has something to beat. One writer at a time: the flow holds the
+workspace lock (a second trigger waits up to ``schedule.lock_timeout`` seconds, then is skipped with its
+reason).
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ from dataopt.evaluate.compare import decide_promotion, harm
 from dataopt.io import atomic_path, read_json, write_json
 from dataopt.lock import WorkspaceLock, process_alive
 from dataopt.paths import Paths
-from dataopt.schema import TEST
+from dataopt.schema import HOLDOUT, TEST
 from flows.curate import curate
 from tasks import registry
 from tasks.tracking import flow_run, tag_run, tracking_uri
@@ -59,8 +66,28 @@ def frozen_eval_set(paths: Paths) -> tuple[np.ndarray, np.ndarray, str]:
     return np.asarray(images[rows]), samples["label"].to_numpy()[rows], hashlib.sha256(ids.tobytes()).hexdigest()
 
 
-def _predict(uri: str, name: str, version: int, images: np.ndarray) -> np.ndarray:
-    return np.asarray(registry.load(uri, name, version).predict(images)).argmax(1)
+def batch_eval_sets(paths: Paths, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{batch: (images, labels)}`` of each batch's held-out rows (split "holdout"; labels as the batch
+    gave them); a batch with none held out is left out."""
+    import pandas as pd
+
+    samples = pd.read_parquet(paths.artifacts / "ingest" / "samples.parquet", columns=["split", "label", "batch"])
+    held = (samples["split"] == HOLDOUT).to_numpy()
+    images = np.load(paths.artifacts / "ingest" / "images.npy", mmap_mode="r")
+    rows = {b: np.flatnonzero(held & (samples["batch"] == b).to_numpy()) for b in names}
+    return {b: (np.asarray(images[r]), samples["label"].to_numpy()[r]) for b, r in rows.items() if len(r)}
+
+
+def batch_scores(models: dict[str, Any], sets: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, dict]:
+    """``{batch: {"n", "<model>_accuracy" ...}}``: each model (None: no such model, accuracy None) on
+    each batch's held-out rows."""
+    return {b: {"n": len(y), **{f"{m}_accuracy": None if model is None else
+                                float((_predict(model, images) == y).mean()) for m, model in models.items()}}
+            for b, (images, y) in sets.items()}
+
+
+def _predict(model: Any, images: np.ndarray) -> np.ndarray:
+    return np.asarray(model.predict(images)).argmax(1)
 
 
 def _model_uri(uri: str, run_id: str) -> str:
@@ -184,10 +211,15 @@ def retrain(project: str = ".", reason: str = "scheduled full retrain",
         curation = curated(paths, new)
         images, labels, digest = frozen_eval_set(paths)
         n_classes = int(labels.max()) + 1
-        new_pred = _predict(uri, name, challenger, images)
-        old_pred = None if champion is None else _predict(uri, name, champion, images)
+        models = {"champion": None if champion is None else registry.load(uri, name, champion),
+                  "challenger": registry.load(uri, name, challenger)}
+        new_pred = _predict(models["challenger"], images)
+        old_pred = None if models["champion"] is None else _predict(models["champion"], images)
         decision = decide_promotion(old_pred, new_pred, labels, n_classes, **params.promotion.rule(),
                                     random_state=params.seed)
+        # reported beside the rule, never deciding it; scored now: a rollback removes these rows
+        held_out = batch_scores(models, batch_eval_sets(paths, new))
+        decision.numbers["batch_holdout"] = held_out
         registry.record_decision(uri, name, challenger, decision)  # and moves `champion` when promoted
         event = "promoted" if decision.promote else "rejected"
         if decision.promote:
@@ -205,9 +237,12 @@ def retrain(project: str = ".", reason: str = "scheduled full retrain",
         loop.record(paths, "retrain_done", batches=accepted + new if decision.promote else accepted,
                     version=challenger, outcome=event)
         tag_run(params, paths, run, **{"dataopt.decision": event, "dataopt.reason": decision.reason,
-                                       "dataopt.version": challenger, "dataopt.curation": json.dumps(curation)})
-        logger.info("challenger version %s %s: %s; curation: %s", challenger, event, decision.reason,
-                    "; ".join(curation.values()) or "no new batch")
+                                       "dataopt.version": challenger, "dataopt.curation": json.dumps(curation),
+                                       "dataopt.batch_holdout": json.dumps(held_out)})
+        logger.info("challenger version %s %s: %s; curation: %s; new batches' held-out rows (their own labels): %s",
+                    challenger, event, decision.reason, "; ".join(curation.values()) or "no new batch",
+                    "; ".join(f"{b} ({v['n']} rows): champion {v['champion_accuracy']}, challenger "
+                              f"{v['challenger_accuracy']}" for b, v in held_out.items()) or "none")
         return {"curation": curation, "version": challenger, "champion_before": champion, "promoted": decision.promote,
                 "reason": decision.reason, "numbers": decision.numbers, "eval_set": digest, "run_id": run_id,
                 "new_batches": new}
