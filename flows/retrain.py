@@ -47,7 +47,7 @@ from dataopt.evaluate.compare import decide_promotion, harm
 from dataopt.io import atomic_path, read_json, write_json
 from dataopt.lock import WorkspaceLock, process_alive
 from dataopt.paths import Paths
-from dataopt.schema import HOLDOUT, TEST
+from dataopt.schema import TEST
 from flows.curate import curate
 from tasks import registry
 from tasks.tracking import flow_run, tag_run, tracking_uri
@@ -64,30 +64,6 @@ def frozen_eval_set(paths: Paths) -> tuple[np.ndarray, np.ndarray, str]:
     images = np.load(paths.artifacts / "ingest" / "images.npy", mmap_mode="r")
     ids = np.sort(samples["sample_id"].to_numpy()[rows])
     return np.asarray(images[rows]), samples["label"].to_numpy()[rows], hashlib.sha256(ids.tobytes()).hexdigest()
-
-
-def batch_eval_sets(paths: Paths, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{batch: (images, labels)}`` of each batch's held-out rows (split "holdout"; labels as the batch
-    gave them); a batch with none held out is left out."""
-    import pandas as pd
-
-    samples = pd.read_parquet(paths.artifacts / "ingest" / "samples.parquet", columns=["split", "label", "batch"])
-    held = (samples["split"] == HOLDOUT).to_numpy()
-    images = np.load(paths.artifacts / "ingest" / "images.npy", mmap_mode="r")
-    rows = {b: np.flatnonzero(held & (samples["batch"] == b).to_numpy()) for b in names}
-    return {b: (np.asarray(images[r]), samples["label"].to_numpy()[r]) for b, r in rows.items() if len(r)}
-
-
-def batch_scores(models: dict[str, Any], sets: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, dict]:
-    """``{batch: {"n", "<model>_accuracy" ...}}``: each model (None: no such model, accuracy None) on
-    each batch's held-out rows."""
-    return {b: {"n": len(y), **{f"{m}_accuracy": None if model is None else
-                                float((_predict(model, images) == y).mean()) for m, model in models.items()}}
-            for b, (images, y) in sets.items()}
-
-
-def _predict(model: Any, images: np.ndarray) -> np.ndarray:
-    return np.asarray(model.predict(images)).argmax(1)
 
 
 def _model_uri(uri: str, run_id: str) -> str:
@@ -213,12 +189,12 @@ def retrain(project: str = ".", reason: str = "scheduled full retrain",
         n_classes = int(labels.max()) + 1
         models = {"champion": None if champion is None else registry.load(uri, name, champion),
                   "challenger": registry.load(uri, name, challenger)}
-        new_pred = _predict(models["challenger"], images)
-        old_pred = None if models["champion"] is None else _predict(models["champion"], images)
+        new_pred = loop.predict_classes(models["challenger"], images)
+        old_pred = None if models["champion"] is None else loop.predict_classes(models["champion"], images)
         decision = decide_promotion(old_pred, new_pred, labels, n_classes, **params.promotion.rule(),
                                     random_state=params.seed)
         # reported beside the rule, never deciding it; scored now: a rollback removes these rows
-        held_out = batch_scores(models, batch_eval_sets(paths, new))
+        held_out = loop.holdout_scores(models, loop.holdout_sets(paths, new))
         decision.numbers["batch_holdout"] = held_out
         registry.record_decision(uri, name, challenger, decision)  # and moves `champion` when promoted
         event = "promoted" if decision.promote else "rejected"
