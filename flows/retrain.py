@@ -77,15 +77,17 @@ def _model_uri(uri: str, run_id: str) -> str:
 
 def curated(paths: Paths, names: list[str]) -> dict[str, str]:
     """What the curation did to each new batch (``analysis.json`` / ``plan.json``'s ``by_batch``): one line
-    per batch, e.g. "289 of 400 rows kept, 52 flagged as label issues, mean weight 0.71"."""
+    per batch, e.g. "289 of 320 rows kept, 52 flagged as label issues, mean weight 0.71, 80 held out"."""
     flags = read_json(paths.artifacts / "analyze" / "analysis.json").get("by_batch", {})
     plan = read_json(paths.artifacts / "optimize" / "plan.json").get("by_batch", {})
+    held = read_json(paths.artifacts / "ingest" / "report.json").get("n_holdout", {})
     out = {}
     for b in names:
         p, f = plan.get(b), flags.get(b, {})
         if p:
             out[b] = (f"{int(p['kept_sum'])} of {p['n']} rows kept, {int(f.get('label_issue_sum', 0))} flagged as "
-                      f"label issues, {int(p['relabelled_sum'])} relabelled, mean weight {p['weight_mean']:.2f}")
+                      f"label issues, {int(p['relabelled_sum'])} relabelled, mean weight {p['weight_mean']:.2f}, "
+                      f"{held.get(b, 0)} held out")
     return out
 
 
