@@ -59,10 +59,9 @@ def table(columns: dict[str, str], data: dict[str, Any]) -> pa.Table:
 
 def with_batches(raw: sources.RawRows, p: IngestParams, paths: Paths) -> tuple[pd.DataFrame, int]:
     """``(frame, n_pixels)``: the source's rows (``batch`` = "reference"), then the rows of every batch
-    in ``p.batches`` (verified against the manifest; split "train" until :func:`hold_out` takes its share;
-    sources and keys prefixed with
-    ``batches/<name>/`` so that their ids never collide with the reference's). The first
-    ``n_pixels`` rows are the source's pre-decoded ``raw.pixels`` (none: 0)."""
+    in ``p.batches`` (verified against the manifest; split "train" until :func:`hold_out` takes its
+    share; sources and keys prefixed with ``batches/<name>/`` so that their ids never collide with the
+    reference's). The first ``n_pixels`` rows are the source's pre-decoded ``raw.pixels`` (none: 0)."""
     n_pixels = len(raw.pixels) if raw.pixels is not None else 0
     frame = raw.frame.assign(batch=REFERENCE)
     parts = [frame]
