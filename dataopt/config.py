@@ -60,6 +60,7 @@ class IngestParams(Section):
     max_quarantine_fraction: float = Field(0.5, ge=0.0, le=1.0)
     limit: Optional[int] = Field(None, gt=0)
     batches: list[str] = []  # names of batches in data/manifest.json added to the train split
+    batch_holdout: float = Field(0.2, ge=0.0, lt=1.0)  # share of each batch's classes held out (split "holdout")
     noise: NoiseParams = NoiseParams()
 
 

@@ -1,6 +1,7 @@
 """The continuous loop's pure parts: which landed batches are complete, the decision log, and the
 retrain triggers (drift verdict, amount of new data, time since the last training; the scheduled full
-retrain is a cron deployment, see ``flows/serve.py``). The flows in ``flows/`` call these.
+retrain is a cron deployment, see ``flows/serve.py``), and the retrain's scores on the new batches'
+held-out rows. The flows in ``flows/`` call these.
 
 Landing rule: a batch dropped into the landing folder (``schedule.incoming``) is ``<name>/`` (an
 ImageFolder tree) or ``<name>.parquet`` / ``<name>.csv``; it is taken only once an empty marker file
@@ -18,7 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import numpy as np
+
 from dataopt.paths import Paths
+from dataopt.schema import HOLDOUT
 
 MARKER = ".ready"
 SUFFIXES = (".parquet", ".csv")
@@ -103,3 +107,28 @@ def retrain_reason(triggers: Iterable[str], drift: Optional[bool], new_rows: int
         why.append("never trained" if hours_since is None else
                    f"{hours_since:.1f} h since the last training >= schedule.max_age_hours={max_age_hours:g}")
     return "; ".join(why) or None
+
+
+def holdout_sets(paths: Paths, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{batch: (images, labels)}`` of each named batch's held-out rows (split "holdout"; labels as the
+    batch gave them, noisy where its are); a batch with none held out is left out."""
+    import pandas as pd  # why: pandas (slow to import), only when a retrain scores its batches
+
+    samples = pd.read_parquet(paths.artifacts / "ingest" / "samples.parquet", columns=["split", "label", "batch"])
+    held = (samples["split"] == HOLDOUT).to_numpy()
+    images = np.load(paths.artifacts / "ingest" / "images.npy", mmap_mode="r")
+    rows = {b: np.flatnonzero(held & (samples["batch"] == b).to_numpy()) for b in names}
+    return {b: (np.asarray(images[r]), samples["label"].to_numpy()[r]) for b, r in rows.items() if len(r)}
+
+
+def predict_classes(model: Any, images: np.ndarray) -> np.ndarray:
+    """The class a model (anything with ``predict(images) -> (n, n_classes)`` scores) picks per image."""
+    return np.asarray(model.predict(images)).argmax(1)
+
+
+def holdout_scores(models: dict[str, Any], sets: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, dict]:
+    """``{batch: {"n", "<model>_accuracy", ...}}``: each of ``models`` (None: no such model, accuracy
+    None) on each batch's held-out rows of ``sets`` (:func:`holdout_sets`)."""
+    return {b: {"n": len(y), **{f"{m}_accuracy": None if model is None else
+                                float((predict_classes(model, images) == y).mean()) for m, model in models.items()}}
+            for b, (images, y) in sets.items()}

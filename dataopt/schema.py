@@ -1,7 +1,7 @@
 """The data contract between stages: which columns each table has and which keys each JSON carries.
 
 ``sample_id`` (int64, stable across stages and versions) keys every per-sample table. ``samples.parquet``
-holds every sample of both splits; row i of ``images.npy`` and ``embeddings.npy`` is row i of
+holds every sample of every split; row i of ``images.npy`` and ``embeddings.npy`` is row i of
 ``samples.parquet``. Per-sample tables of later stages (signals, analysis, plan) cover the ``train``
 split, in ``samples.parquet`` order of the train rows.
 """
@@ -13,11 +13,14 @@ import pyarrow.parquet as pq
 
 from dataopt.errors import DataError, MissingArtifactError
 
-TRAIN, TEST = "train", "test"
+# HOLDOUT: the seeded share of each added batch (``ingest.batch_holdout``) kept out of training so the
+# retrain flow can score champion and challenger on the new data; TEST stays the reference's held-out
+# split alone (the frozen evaluation set, evaluate's headline), so runs with and without batches compare
+TRAIN, TEST, HOLDOUT = "train", "test", "holdout"
 
 SAMPLES_COLUMNS = {
     "sample_id": "int64",  # stable hash of (split, source reference)
-    "split": "string",  # "train" | "test"
+    "split": "string",  # "train" | "test" (the reference's held-out rows) | "holdout" (a batch's held-out rows)
     "label": "int64",  # the label trained on (params ingest.label_column, after injected noise)
     "label_name": "string",
     "label_clean": "int64",  # ground truth where known (clean column or pre-noise label), else null

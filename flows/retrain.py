@@ -13,12 +13,19 @@ were only not enough to prove a gain and are deferred: the next retrain pools th
 journal (``.dataopt/retrain.json``) makes a retrain killed midway roll back the same way when the next
 loop flow starts.
 
-The frozen evaluation set is the reference's held-out split: batches only ever add training rows, so
-it never contains training data, and its sample ids' digest is recorded with every decision. Champion
-and challenger are both loaded from the MLflow registry and scored on the same images. With no
-champion yet, the model of the last ``dataopt run`` (``artifacts/track/run.json``) becomes the first
-one, so the first challenger has something to beat. One writer at a time: the flow holds the workspace
-lock (a second trigger waits up to ``schedule.lock_timeout`` seconds, then is skipped with its reason).
+The frozen evaluation set is the reference's held-out split: batches never add rows to it, so it never
+contains training data, and its sample ids' digest is recorded with every decision. Champion and
+challenger are both loaded from the MLflow registry and scored on the same images; the rule is judged
+on this set alone. Beside it, both are scored on each new batch's held-out part (split ``holdout``,
+``ingest.batch_holdout`` of each class, never trained on): accuracy and rows per batch, against the
+batch's own labels (so a noisy-labels batch is scored against its noisy labels), recorded with the
+decision as ``numbers["batch_holdout"]`` (the decision log, the registry version's tags, the flow's
+result) and as the run's ``dataopt.batch_holdout`` tag, but never deciding it.
+
+With no champion yet, the model of the last ``dataopt run`` (``artifacts/track/run.json``) becomes the
+first one, so the first challenger has something to beat. One writer at a time: the flow holds the
+workspace lock (a second trigger waits up to ``schedule.lock_timeout`` seconds, then is skipped with its
+reason).
 """
 from __future__ import annotations
 
@@ -59,10 +66,6 @@ def frozen_eval_set(paths: Paths) -> tuple[np.ndarray, np.ndarray, str]:
     return np.asarray(images[rows]), samples["label"].to_numpy()[rows], hashlib.sha256(ids.tobytes()).hexdigest()
 
 
-def _predict(uri: str, name: str, version: int, images: np.ndarray) -> np.ndarray:
-    return np.asarray(registry.load(uri, name, version).predict(images)).argmax(1)
-
-
 def _model_uri(uri: str, run_id: str) -> str:
     from mlflow import MlflowClient
 
@@ -74,15 +77,17 @@ def _model_uri(uri: str, run_id: str) -> str:
 
 def curated(paths: Paths, names: list[str]) -> dict[str, str]:
     """What the curation did to each new batch (``analysis.json`` / ``plan.json``'s ``by_batch``): one line
-    per batch, e.g. "289 of 400 rows kept, 52 flagged as label issues, mean weight 0.71"."""
+    per batch, e.g. "289 of 320 rows kept, 52 flagged as label issues, mean weight 0.71, 80 held out"."""
     flags = read_json(paths.artifacts / "analyze" / "analysis.json").get("by_batch", {})
     plan = read_json(paths.artifacts / "optimize" / "plan.json").get("by_batch", {})
+    held = read_json(paths.artifacts / "ingest" / "report.json").get("n_holdout", {})
     out = {}
     for b in names:
         p, f = plan.get(b), flags.get(b, {})
         if p:
             out[b] = (f"{int(p['kept_sum'])} of {p['n']} rows kept, {int(f.get('label_issue_sum', 0))} flagged as "
-                      f"label issues, {int(p['relabelled_sum'])} relabelled, mean weight {p['weight_mean']:.2f}")
+                      f"label issues, {int(p['relabelled_sum'])} relabelled, mean weight {p['weight_mean']:.2f}, "
+                      f"{held.get(b, 0)} held out")
     return out
 
 
@@ -184,10 +189,15 @@ def retrain(project: str = ".", reason: str = "scheduled full retrain",
         curation = curated(paths, new)
         images, labels, digest = frozen_eval_set(paths)
         n_classes = int(labels.max()) + 1
-        new_pred = _predict(uri, name, challenger, images)
-        old_pred = None if champion is None else _predict(uri, name, champion, images)
+        models = {"champion": None if champion is None else registry.load(uri, name, champion),
+                  "challenger": registry.load(uri, name, challenger)}
+        new_pred = loop.predict_classes(models["challenger"], images)
+        old_pred = None if models["champion"] is None else loop.predict_classes(models["champion"], images)
         decision = decide_promotion(old_pred, new_pred, labels, n_classes, **params.promotion.rule(),
                                     random_state=params.seed)
+        # reported beside the rule, never deciding it; scored now: a rollback removes these rows
+        held_out = loop.holdout_scores(models, loop.holdout_sets(paths, new))
+        decision.numbers["batch_holdout"] = held_out
         registry.record_decision(uri, name, challenger, decision)  # and moves `champion` when promoted
         event = "promoted" if decision.promote else "rejected"
         if decision.promote:
@@ -205,9 +215,12 @@ def retrain(project: str = ".", reason: str = "scheduled full retrain",
         loop.record(paths, "retrain_done", batches=accepted + new if decision.promote else accepted,
                     version=challenger, outcome=event)
         tag_run(params, paths, run, **{"dataopt.decision": event, "dataopt.reason": decision.reason,
-                                       "dataopt.version": challenger, "dataopt.curation": json.dumps(curation)})
-        logger.info("challenger version %s %s: %s; curation: %s", challenger, event, decision.reason,
-                    "; ".join(curation.values()) or "no new batch")
+                                       "dataopt.version": challenger, "dataopt.curation": json.dumps(curation),
+                                       "dataopt.batch_holdout": json.dumps(held_out)})
+        logger.info("challenger version %s %s: %s; curation: %s; new batches' held-out rows (their own labels): %s",
+                    challenger, event, decision.reason, "; ".join(curation.values()) or "no new batch",
+                    "; ".join(f"{b} ({v['n']} rows): champion {v['champion_accuracy']}, challenger "
+                              f"{v['challenger_accuracy']}" for b, v in held_out.items()) or "none")
         return {"curation": curation, "version": challenger, "champion_before": champion, "promoted": decision.promote,
                 "reason": decision.reason, "numbers": decision.numbers, "eval_set": digest, "run_id": run_id,
                 "new_batches": new}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,7 +49,7 @@ def _missing(exc: MlflowException) -> bool:
 
 
 def _text(value: Any) -> str:
-    s = f"{value:.6g}" if isinstance(value, float) else str(value)
+    s = f"{value:.6g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, dict) else str(value)
     return s if len(s) <= TAG_VALUE_LIMIT else s[: TAG_VALUE_LIMIT - 3] + "..."
 
 

@@ -184,8 +184,48 @@ def test_a_batch_of_known_images_runs_through_the_chain_with_its_provenance(proj
     # provenance: flags and plan decisions per batch of origin
     flags = json.loads((project.artifacts / "analyze" / "analysis.json").read_text())["by_batch"]
     plan = json.loads((project.artifacts / "optimize" / "plan.json").read_text())["by_batch"]
-    assert set(flags) == set(plan) == {"reference", "copy"} and plan["copy"]["n"] == 300
-    assert 0 <= flags["copy"]["label_issue_mean"] <= 1 and plan["copy"]["kept_sum"] <= 300
+    samples = pd.read_parquet(project.artifacts / "ingest" / "samples.parquet")
+    held = samples[(samples["split"] == "holdout")]
+    assert set(held["batch"]) == {"copy"} and 50 <= len(held) <= 70  # 0.2 of each class of 300 rows
+    assert set(flags) == set(plan) == {"reference", "copy"} and plan["copy"]["n"] == 300 - len(held)
+    assert 0 <= flags["copy"]["label_issue_mean"] <= 1 and plan["copy"]["kept_sum"] <= 300 - len(held)
+    # the held-out rows are never trained on: not perceived as train rows, not in the plan, not trained
+    from dataopt.train.trainer import train_set_from_plan
+
+    signals = pd.read_parquet(project.artifacts / "perceive" / "signals.parquet", columns=["sample_id"])
+    table = pd.read_parquet(project.artifacts / "optimize" / "plan.parquet")
+    assert not set(held["sample_id"]) & (set(signals["sample_id"]) | set(table["sample_id"]))
+    trained = train_set_from_plan(samples, table, "plan.parquet").rows
+    assert len(trained) and not set(held.index) & set(trained.tolist())
+
+
+def test_each_batch_holds_out_a_stable_stratified_share(project, tmp_path):
+    """A seeded share of each class of each batch is held out (split "holdout"); adding another batch
+    never changes which rows of the first are; the reference's rows (the test split evaluate scores)
+    are the same as without batches, and nothing new appears in a run without batches."""
+    labels = [0] * 10 + [1] * 10
+    for name in ("a", "b"):
+        add_batch(project, _parquet(tmp_path / f"{name}.parquet", labels), name, IngestParams(), 0)
+
+    def ingested(names, **kw):
+        return ingest(Params().ingest.model_copy(update={"batches": names, **kw}), 0, project.root)
+
+    none, one, two = ingested([]), ingested(["a"]), ingested(["a", "b"])
+    s1, s2 = one.samples.to_pandas(), two.samples.to_pandas()
+    held = s1[s1["split"] == "holdout"]
+    assert set(held["batch"]) == {"a"} and held.groupby("label").size().tolist() == [2, 2]
+    held_a = s2[(s2["split"] == "holdout") & (s2["batch"] == "a")]
+    assert held_a["sample_id"].tolist() == held["sample_id"].tolist()
+    assert (s2.loc[s2["batch"] == "b", "split"] == "holdout").sum() == 4
+    ref = none.samples.to_pandas()
+    assert s2[s2["batch"] == "reference"][["sample_id", "split", "label"]].equals(ref[["sample_id", "split", "label"]])
+    assert two.report["n_test"] == none.report["n_test"] and two.report["n_holdout"] == {"a": 4, "b": 4}
+    assert two.metrics["n_holdout"] == 8 and two.report["n_train"] == none.report["n_train"] + 32
+    assert "n_holdout" not in none.report and "n_holdout" not in none.metrics
+    # another seed holds out other rows; a share of 0 holds out none (every batch row trains)
+    other = ingest(Params().ingest.model_copy(update={"batches": ["a"]}), 1, project.root).samples.to_pandas()
+    assert set(other.loc[other["split"] == "holdout", "source"]) != set(held["source"])
+    assert (ingested(["a"], batch_holdout=0.0).samples.to_pandas().query("batch == 'a'")["split"] == "train").all()
 
 
 def demo_batch_file(tmp_path: Path) -> Path:

@@ -203,6 +203,34 @@ def test_metrics_match_sklearn_on_the_saved_model(evaluated):
     assert flat["nll"] == pytest.approx(log_loss(y, probs, labels=list(range(10))), rel=1e-6)
 
 
+def test_batch_held_out_rows_are_scored_apart_from_the_headline(evaluated, tmp_path):
+    """Rows of batches held out (split "holdout") get holdout_accuracy.<batch>; the headline stays the
+    test rows'."""
+    import shutil
+
+    from dataopt.train import loop
+    from dataopt.train.checkpoint import load_model
+
+    src, flat, _ = evaluated
+    paths = Paths.at(tmp_path)
+    shutil.copytree(src.artifacts, paths.artifacts)
+    s = pd.read_parquet(paths.artifacts / "ingest" / "samples.parquet")
+    unseen = s.index[s["split"] == "train"][~pd.read_parquet(paths.artifacts / "optimize" / "plan.parquet")["keep"]]
+    s.loc[unseen, "split"] = "holdout"  # rows the model never trained on, as two batches
+    s.loc[unseen, "batch"] = np.where(np.arange(len(unseen)) % 3 == 0, "b1", "b2")
+    write_parquet(paths.artifacts / "ingest" / "samples.parquet", pa.Table.from_pandas(s, preserve_index=False))
+    out = evaluate_stage.run(params(), paths)
+    assert out["accuracy"] == flat["accuracy"] and out["n_test"] == flat["n_test"]
+    model, _ = load_model(paths.artifacts / "train" / "model")
+    images = np.load(paths.artifacts / "ingest" / "images.npy")
+    for b in ("b1", "b2"):
+        rows = ((s["split"] == "holdout") & (s["batch"] == b)).to_numpy()
+        pred = loop.predict_logits(model, loop.images_to_tensor(images[rows], torch.device("cpu"))).argmax(1)
+        assert out[f"n_holdout.{b}"] == rows.sum() > 100
+        assert out[f"holdout_accuracy.{b}"] == pytest.approx((pred.numpy() == s["label"].to_numpy()[rows]).mean())
+    assert "holdout_accuracy.b1" not in flat  # no held-out rows, no such key
+
+
 def test_dropped_class_shows_in_per_class_accuracy(tmp_path):
     paths = digits_project(tmp_path)
     s = pd.read_parquet(paths.artifacts / "ingest" / "samples.parquet")

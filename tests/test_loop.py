@@ -63,3 +63,34 @@ def test_retrain_triggers():
     assert "25.0 h since" in r(["age"], None, 0, 25.0, 1000, 24.0)
     assert r(["age"], None, 0, 2.0, 1000, 24.0) is None
     assert r(["age"], None, 0, None, 1000, 24.0) == "never trained"
+
+
+def test_retrain_scores_both_models_on_each_new_batchs_held_out_rows(tmp_path):
+    """The retrain flow's batch numbers (:func:`loop.holdout_scores`): each new batch's held-out rows
+    only, against the batch's labels, for the challenger and the champion (None when there is none)."""
+    import numpy as np
+    import pandas as pd
+
+    from dataopt.io import save_npy, write_parquet
+
+    paths = Paths.at(tmp_path)
+    split = ["test", "train", "holdout", "holdout", "train", "holdout", "holdout", "holdout"]
+    batch = ["reference", "reference", "new", "new", "new", "old", "other", "other"]
+    write_parquet(paths.stage("ingest") / "samples.parquet",
+                  pd.DataFrame({"split": split, "label": [0, 1, 0, 1, 1, 0, 0, 1], "batch": batch}))
+    save_npy(paths.stage("ingest") / "images.npy", np.arange(8, dtype=np.uint8).reshape(8, 1, 1, 1))
+
+    class Guess:  # predicts class `pixel % k`
+        def __init__(self, k):
+            self.k = k
+
+        def predict(self, images):
+            return np.eye(3)[images.reshape(len(images)) % self.k]
+
+    sets = loop.holdout_sets(paths, ["new", "other", "none"])
+    assert list(sets) == ["new", "other"] and sets["new"][1].tolist() == [0, 1]
+    scores = loop.holdout_scores({"champion": None, "challenger": Guess(2)}, sets)
+    assert scores == {"new": {"n": 2, "champion_accuracy": None, "challenger_accuracy": 1.0},
+                      "other": {"n": 2, "champion_accuracy": None, "challenger_accuracy": 1.0}}
+    assert loop.holdout_scores({"champion": Guess(1), "challenger": Guess(2)}, sets)["other"] == {
+        "n": 2, "champion_accuracy": 0.5, "challenger_accuracy": 1.0}

@@ -75,6 +75,14 @@ def test_dropped_demo_batches_become_the_expected_decisions(tmp_path):
     assert checks["noisy-labels"]["drift"] is True
     noisy = checks["noisy-labels"]["retrain"]
     assert "rows kept" in noisy["curation"]["noisy-labels"]  # the decision says what curation did
+    # beside the frozen-set rule: champion and challenger on each new batch's held-out rows (its own labels)
+    for retrained in (checks["corrupted"]["retrain"], noisy):
+        held = retrained["numbers"]["batch_holdout"]
+        assert set(held) == set(retrained["new_batches"]), held
+        for b, v in held.items():
+            assert 60 <= v["n"] <= 100, (b, v)  # 0.2 of each class of 400 rows
+            assert 0 <= v["champion_accuracy"] <= 1 and 0 <= v["challenger_accuracy"] <= 1, (b, v)
+    assert "noisy-labels" in noisy["numbers"]["batch_holdout"]
     uri = f"sqlite:///{project / 'mlflow.db'}"
     champion = registry.champion(uri, "dataopt")
     events = [d["event"] for d in loop.decisions(paths)]
@@ -88,6 +96,10 @@ def test_dropped_demo_batches_become_the_expected_decisions(tmp_path):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
+    tags = client.get_model_version("dataopt", str(noisy["version"])).tags
+    assert json.loads(tags["dataopt.batch_holdout"]) == noisy["numbers"]["batch_holdout"]
+    logged = [d for d in loop.decisions(paths, ["promoted", "rejected"]) if d.get("version") == noisy["version"]]
+    assert logged[-1]["numbers"]["batch_holdout"] == noisy["numbers"]["batch_holdout"]
     parents = client.search_runs(["1"], "tags.`dataopt.kind` = 'check_drift'")
     assert len(parents) == 3  # one MLflow parent run per check_drift flow run, the checks nested
     nested = client.search_runs(["1"], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")

@@ -24,7 +24,7 @@ from dataopt.ingest import labels as lab
 from dataopt.ingest import sources  # also fills SOURCES
 from dataopt.paths import Paths
 from dataopt.registry import SOURCES
-from dataopt.schema import QUARANTINE_COLUMNS, QUARANTINE_REASONS, SAMPLES_COLUMNS, TEST, TRAIN
+from dataopt.schema import HOLDOUT, QUARANTINE_COLUMNS, QUARANTINE_REASONS, SAMPLES_COLUMNS, TEST, TRAIN
 
 _ARROW = {"int64": pa.int64(), "string": pa.string(), "float64": pa.float64(), "bool": pa.bool_()}
 
@@ -59,9 +59,9 @@ def table(columns: dict[str, str], data: dict[str, Any]) -> pa.Table:
 
 def with_batches(raw: sources.RawRows, p: IngestParams, paths: Paths) -> tuple[pd.DataFrame, int]:
     """``(frame, n_pixels)``: the source's rows (``batch`` = "reference"), then the rows of every batch
-    in ``p.batches`` (verified against the manifest; split "train"; sources and keys prefixed with
-    ``batches/<name>/`` so that their ids never collide with the reference's). The first
-    ``n_pixels`` rows are the source's pre-decoded ``raw.pixels`` (none: 0)."""
+    in ``p.batches`` (verified against the manifest; split "train" until :func:`hold_out` takes its
+    share; sources and keys prefixed with ``batches/<name>/`` so that their ids never collide with the
+    reference's). The first ``n_pixels`` rows are the source's pre-decoded ``raw.pixels`` (none: 0)."""
     n_pixels = len(raw.pixels) if raw.pixels is not None else 0
     frame = raw.frame.assign(batch=REFERENCE)
     parts = [frame]
@@ -73,6 +73,17 @@ def with_batches(raw: sources.RawRows, p: IngestParams, paths: Paths) -> tuple[p
         parts.append(part.assign(part=2 + i, split=TRAIN, batch=name, source=prefix + part["source"].astype(str),
                                  key=prefix + part["key"].astype(str)))
     return (sources.concat(parts) if len(parts) > 1 else frame), n_pixels
+
+
+def hold_out(batch: np.ndarray, labels: np.ndarray, keys: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """True for the rows each added batch holds out: a seeded, stratified ``share`` of every class of the
+    batch (at most all but one row of a class), drawn per batch from its own rows' keys, so adding
+    another batch never changes which rows of this one are held out."""
+    held = np.zeros(len(batch), dtype=bool)
+    for b in dict.fromkeys(batch[batch != REFERENCE].tolist()):
+        rows = np.flatnonzero(batch == b)
+        held[rows] = lab.stratified_split(labels[rows], keys[rows].tolist(), share, seed)
+    return held
 
 
 def build_source(p: IngestParams, root: Path):
@@ -206,6 +217,9 @@ def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None
     if unsplit.any():
         is_test = lab.stratified_split(label[unsplit], keys[unsplit].tolist(), p.test_fraction, seed)
         split[unsplit] = np.where(is_test, TEST, TRAIN)
+    batch = frame["batch"].to_numpy(dtype=object)[valid]
+    if p.batches:
+        split[hold_out(batch, label, keys, p.batch_holdout, seed)] = HOLDOUT
     split = split.astype(str) if n_valid else np.array([], dtype=str)
     sid = lab.sample_ids(split.tolist(), keys.tolist())
     label_clean = clean[valid].copy()
@@ -240,7 +254,7 @@ def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None
         "note": note[valid].tolist(),
         "content_hash": h_valid.tolist(),
         "duplicate_of": [int(x) if x >= 0 else None for x in duplicate_of],
-        "batch": frame["batch"].to_numpy(dtype=object)[valid].tolist(),
+        "batch": batch.tolist(),
     })
     bad = np.flatnonzero(pd.notna(verdict.reason))
     qsplit = frame["split"].to_numpy(dtype=object)[bad]
@@ -258,7 +272,8 @@ def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None
     share = n_quar / n_read if n_read else 0.0
     modes = Counter(m for m in orig_mode[valid].tolist() if m != "RGB")
     known_train = train & (label_clean >= 0)
-    known_test = ~train & (label_clean >= 0)
+    test = split == TEST
+    known_test = test & (label_clean >= 0)
     injected = int(flipped.sum())
     noise_rate = injected / int(train.sum()) if train.any() else 0.0
 
@@ -279,7 +294,7 @@ def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None
         "n_resized": int(resized[valid].sum()),
         "n_exact_duplicates": int((duplicate_of >= 0).sum()),
         "n_train": int(train.sum()),
-        "n_test": int((~train).sum()),
+        "n_test": int(test.sum()),
         "classes": names,
         "n_classes": len(names),
         "class_counts": {
@@ -296,6 +311,9 @@ def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None
         },
         **raw.meta.get("report", {}),
     }
+    if p.batches:  # only then, so a run without batches writes what it always wrote
+        report["batch_holdout"] = p.batch_holdout
+        report["n_holdout"] = {b: int(((split == HOLDOUT) & (batch == b)).sum()) for b in dict.fromkeys(p.batches)}
     if "n_ignored_hidden" in raw.meta:
         report["n_ignored_hidden"] = int(raw.meta["n_ignored_hidden"])
     top = ", ".join(f"{r} ({c})" for r, c in by_reason.most_common(3))
@@ -320,6 +338,8 @@ def ingest(p: IngestParams, seed: int, root: Path, workers: Optional[int] = None
         "n_exact_duplicates": report["n_exact_duplicates"], "n_resized": report["n_resized"],
         "n_converted": int(sum(modes.values())), "image_height": int(target[0]), "image_width": int(target[1]),
     }
+    if p.batches:
+        metrics["n_holdout"] = int(sum(report["n_holdout"].values()))
     if report["label_noise"]["disagreement"][TRAIN] is not None:
         metrics["label_disagreement"] = report["label_noise"]["disagreement"][TRAIN]
     return IngestResult(samples, images, quarantine, report, error, metrics)

@@ -15,6 +15,10 @@ The metrics (accuracy, calibration, per-class and many/medium/few-shot accuracy,
 its ratios to a full-data and to a reference run) are :func:`dataopt.evaluate.run.evaluate`'s. The
 reference (``evaluate.reference``: the metrics.json of a full-data run, relative to the project root;
 keys it lacks are read from the ``stage.json`` beside it) is read here.
+
+A batch's held-out rows (split ``holdout``, ``ingest.batch_holdout``) are scored apart, never in the
+headline: ``holdout_accuracy.<batch>`` and ``n_holdout.<batch>`` (``stage.json``, MLflow), only when
+there are some.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from dataopt.errors import DataError
 from dataopt.evaluate.run import REFERENCE_KEYS, class_names, evaluate, write_plots
 from dataopt.io import read_json
 from dataopt.paths import Paths
-from dataopt.schema import TEST, TRAIN
+from dataopt.schema import HOLDOUT, TEST, TRAIN
 from dataopt.train import loop
 from dataopt.train.checkpoint import load_model
 
@@ -75,6 +79,17 @@ def _inputs(config: dict, paths: Paths, test: np.ndarray, n_rows: int, device: t
     return loop.images_to_tensor(art.read_images(paths, n_rows)[test], device)
 
 
+def batch_accuracy(model: torch.nn.Module, inputs: torch.Tensor, labels: np.ndarray, batch: np.ndarray,
+                   batch_size: int) -> dict[str, Any]:
+    """``holdout_accuracy.<batch>`` and ``n_holdout.<batch>``: ``model`` on each batch's held-out rows,
+    against the batch's own labels (noisy where the batch's labels are)."""
+    hit = loop.predict_logits(model, inputs, batch_size).argmax(1).cpu().numpy() == labels
+    out: dict[str, Any] = {}
+    for b in dict.fromkeys(batch.tolist()):
+        out[f"holdout_accuracy.{b}"], out[f"n_holdout.{b}"] = float(hit[batch == b].mean()), int((batch == b).sum())
+    return out
+
+
 def run(params: Params, paths: Paths) -> dict[str, Any]:
     t0 = time.perf_counter()
     samples_path = art.locate(paths, "ingest/samples.parquet")
@@ -100,6 +115,11 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     metrics, report = evaluate(model, _inputs(config, paths, test, len(samples), device), labels[test], config,
                                history, labels[split == TRAIN], ep, reference)
 
+    held = np.flatnonzero(split == HOLDOUT)
+    if len(held):  # never part of the headline: that stays the reference's held-out rows
+        batch = art.read_frame(paths, "ingest/samples.parquet", ["batch"])["batch"].to_numpy()[held]
+        metrics.update(batch_accuracy(model, _inputs(config, paths, held, len(samples), device), labels[held],
+                                      batch, ep.batch_size))
     write_plots(art.out_dir(paths, "evaluate/plots"), report, metrics["ece"], history)
     art.write_json(paths, "evaluate/report.json", report)
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 3)

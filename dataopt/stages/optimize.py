@@ -20,7 +20,7 @@ from dataopt.config import Params
 from dataopt.errors import DataError
 from dataopt.optimize.plan import optimize
 from dataopt.paths import Paths
-from dataopt.schema import TRAIN
+from dataopt.schema import TEST
 
 # every input a method may name in ``requires`` (a new one = one loader in _inputs below)
 INPUT_NAMES = ("sample_id", "labels", "n_classes", "class_counts", "signals", "embeddings",
@@ -59,7 +59,8 @@ def _inputs(paths: Paths) -> tuple[LazyInputs, np.ndarray, np.ndarray]:
 
     def test_embeddings() -> np.ndarray:
         split = art.read_samples(paths, ["split"])["split"]
-        return np.asarray(all_embeddings()[np.flatnonzero(split != TRAIN)], dtype=np.float32)
+        # the reference's held-out rows only: a batch's held-out rows are the retrain flow's to score
+        return np.asarray(all_embeddings()[np.flatnonzero(split == TEST)], dtype=np.float32)
 
     def analysis() -> pd.DataFrame:
         table = art.read_frame(paths, "analyze/analysis.parquet")
