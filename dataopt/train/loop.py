@@ -136,7 +136,7 @@ def fit(
         dynamic methods and of the perception stage's dynamics.
 
     ``cfg.flip="alternating"`` (images with ``augment="flip_crop"``, built-in path only): airbench94's
-    derandomised flip (Jordan 2024, arXiv:2404.00498, §3.6; ``legacy/airbench94.py`` of
+    derandomised flip (Jordan 2024, arXiv:2404.00498, §3.6 "Alternating flip"; ``legacy/airbench94.py`` of
     KellerJordan/cifar10-airbench): each sample gets one fair coin before the first epoch, is mirrored
     in odd epochs when it came up heads and in even epochs when not, so every two consecutive epochs
     show it both ways. ``cfg.whiten_bias_epochs=N``: ``model.whiten.bias`` gets gradients only in the
