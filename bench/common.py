@@ -125,3 +125,30 @@ def split_cifar_rows(sizes: dict[str, int], pool_test: int, seed: int, train_lab
         start += 2 * n
     out["pool_test"] = stratified_subset(test_labels, pool_test, seed)
     return out
+
+
+def write_digits_cifar(folder: Path, test_fraction: float = 0.2, seed: int = 0) -> Path:
+    """``folder/cifar10/{train,test}.parquet`` in the CIFAR-10 layout (``id``, ``image`` as 32x32 RGB
+    JPEG bytes, ``label``, ``label_name``) made from scikit-learn's digits, which every install has:
+    the stand-in of ``bench/gpu.sh --toy`` where ``../shared/datasets`` is absent. Returns ``folder``."""
+    import pyarrow as pa
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from dataopt.io import write_parquet
+
+    d = load_digits()
+    grey = np.round(d.images * (255 / 16)).astype(np.uint8)
+    test = np.random.default_rng(seed).random(len(grey)) < test_fraction
+    out = Path(folder) / "cifar10"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", np.flatnonzero(~test)), ("test", np.flatnonzero(test))):
+        images = []
+        for i in rows:
+            buf = io.BytesIO()
+            Image.fromarray(grey[i]).resize((32, 32), Image.NEAREST).convert("RGB").save(buf, "JPEG", quality=95)
+            images.append(buf.getvalue())
+        write_parquet(out / f"{name}.parquet", pa.table({
+            "id": rows.astype(np.int32), "image": pa.array(images, pa.binary()),
+            "label": d.target[rows].astype(np.int16), "label_name": [str(c) for c in d.target[rows]]}))
+    return Path(folder)

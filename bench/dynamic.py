@@ -8,7 +8,9 @@ class-stratified halves of them: ``val`` chooses among density_consistency varia
 in the JSON) and ``heldout`` reports the chosen one, so the choice never sees the accuracy it is judged by.
 
 Parts (``--parts``):
-  timing     airbench on clean labels, full data: accuracy and training seconds (the 93.5% / 10 s target)
+  timing     airbench on clean labels, full data: accuracy and training seconds (the 93.5% / 10 s target);
+             with --recipe-items also each airbench94 recipe item ours lacks by default (fp16 autocast,
+             alternating flips, the whitening bias trained for 3 epochs only) added alone, then all three
   dynamic    per label set: uniform_full, then random / infobatch / density_consistency at each budget
   curated    on random_label1: plain training vs analysis (--curate-detector: GMM p_clean on out-of-fold
              early loss, or calibrated confidence on out-of-fold probabilities; then the analyze
@@ -33,6 +35,7 @@ Examples
   python bench/dynamic.py --device cpu --width 16 --n 10000 --epochs 8 --proxy-epochs 8 \
       --batch-size 256 --lr 0.8 --parts dynamic curated           # CPU: a short airbench run (~1.5 h)
   python bench/dynamic.py --parts timing --seeds 3                # only the airbench timing
+  python bench/dynamic.py --parts timing --seeds 2 --recipe-items  # + fp16 / alternating flip / bias freeze
   python bench/dynamic.py --device cpu --model head --parts curated --curate-detector \
       calibrated_confidence --proxy-dynamics bench/dynamics         # curated, analysis of the H100 run
 
@@ -108,20 +111,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                     help="airbench: train without the lookahead weight EMA")
     ap.add_argument("--n", type=int, default=0, help="first N training rows (0 = all 50,000)")
+    ap.add_argument("--n-test", type=int, default=0, help="a class-stratified N of the test rows (0 = all 10,000)")
+    # the airbench94 recipe items (dataopt.train.loop.FitConfig); the defaults are the project's recipe
+    ap.add_argument("--precision", default="auto", choices=loop.PRECISIONS,
+                    help="autocast of every training run (auto: bf16 on a GPU, float32 on the CPU)")
+    ap.add_argument("--flip", default="random", choices=loop.FLIPS, help="airbench: flip scheme of flip_crop")
+    ap.add_argument("--whiten-bias-epochs", type=int, default=None,
+                    help="airbench: train the whitening bias only in the first N epochs (airbench94: 3)")
+    ap.add_argument("--recipe-items", action="store_true",
+                    help="timing part: also each airbench94 recipe item added alone, then all three")
     ap.add_argument("--pca-dim", type=int, default=256, help="head model: pixel-PCA dimension")
     args = ap.parse_args(argv)
     if args.proxy_dynamics is not None and "curated" not in args.parts:
         ap.error("--proxy-dynamics feeds the curated part only: add 'curated' to --parts")
+    if args.model != "airbench" and (args.flip != "random" or args.whiten_bias_epochs is not None
+                                     or args.recipe_items):
+        ap.error("--flip, --whiten-bias-epochs and --recipe-items are airbench recipe items: use --model airbench")
     for key, value in RECIPES[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
 
 
-def decode(path: Path, n: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """``(N, 32, 32, 3)`` uint8 images and the int64 label columns of a CIFAR-10N parquet."""
+def decode(path: Path, n: int = 0, stratified: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``(N, 32, 32, 3)`` uint8 images and the int64 label columns of a CIFAR-10N parquet: the first
+    ``n`` rows (0: all), or a class-stratified ``n`` of them (the test file is sorted by class)."""
     table = pq.read_table(path)
-    if n:
+    if n and stratified:
+        table = table.take(stratified_subset(table.column("label").to_numpy(), n, seed=0))
+    elif n:
         table = table.slice(0, n)
     images = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
                        for b in table.column("image").to_pylist()])
@@ -135,7 +153,7 @@ class Bench:
         self.args = args
         self.device = loop.resolve_device(args.device)
         xtr, ltr = decode(args.data / "train.parquet", args.n)
-        xte, lte = decode(args.data / "test.parquet")
+        xte, lte = decode(args.data / "test.parquet", args.n_test, stratified=True)
         self.labels = {"clean": ltr["label"], **{k: v for k, v in ltr.items() if k != "label"}}
         self.y_test = torch.from_numpy(lte["label"]).to(self.device)
         val = np.zeros(len(lte["label"]), bool)
@@ -159,13 +177,16 @@ class Bench:
             self.x = ((ztr - mu) / sd).float().to(self.device)
             self.x_test = ((zte - mu) / sd).float().to(self.device)
 
-    def cfg(self, seed: int, epochs: int) -> loop.FitConfig:
+    def cfg(self, seed: int, epochs: int, recipe: dict | None = None) -> loop.FitConfig:
+        """The run's FitConfig; ``recipe`` overrides its precision / flip / whiten_bias_epochs."""
         a = self.args
+        items = {"precision": a.precision, "flip": a.flip, "whiten_bias_epochs": a.whiten_bias_epochs,
+                 **(recipe or {})}
         return loop.FitConfig(epochs=epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
                               weight_decay=a.weight_decay, label_smoothing=a.label_smoothing,
                               augment="flip_crop" if a.model == "airbench" else "none", seed=seed,
                               translate=a.translate, lookahead=a.model == "airbench" and a.lookahead,
-                              progress=False)
+                              progress=False, **items)
 
     def model(self, seed: int) -> torch.nn.Module:
         with loop.seeded(seed):
@@ -184,13 +205,14 @@ class Bench:
     def train(self, y: np.ndarray, seed: int, epochs: int, **fit_kwargs: Any) -> dict[str, Any]:
         """One training run on all rows (``rows``/``weights`` in fit_kwargs restrict or weigh them)."""
         rows = fit_kwargs.pop("rows", None)
+        recipe = fit_kwargs.pop("recipe", None)
         x = self.x if rows is None else self.x[torch.as_tensor(rows, device=self.device)]
         yy = torch.from_numpy(y if rows is None else y[rows]).to(self.device)
         model = self.model(seed)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        hist = loop.fit(model, x, yy, self.cfg(seed, epochs), **fit_kwargs)
+        hist = loop.fit(model, x, yy, self.cfg(seed, epochs, recipe), **fit_kwargs)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -242,6 +264,12 @@ def saved_proxy(directory: Path, label_column: str, y: np.ndarray) -> tuple[dict
 
 
 DC_NORMALISE = ("rank", "value")  # what the dynamic density_consistency accepts as normalise
+
+# --recipe-items: airbench94's recipe items (Jordan 2024; legacy/airbench94.py of KellerJordan/cifar10-airbench)
+# that the project's airbench recipe leaves off by default, each alone and all together
+RECIPE_ITEMS = {"fp16": {"precision": "fp16"}, "alternating_flip": {"flip": "alternating"},
+                "whiten_bias_3_epochs": {"whiten_bias_epochs": 3}}
+RECIPE_ITEMS["all_three"] = {k: v for item in list(RECIPE_ITEMS.values()) for k, v in item.items()}
 
 
 def dc_variant(text: str) -> tuple[str, float, float]:
@@ -352,6 +380,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"timing: {res['timing']['accuracy_mean']:.2f}% +- {res['timing']['accuracy_std']:.2f} in "
               f"{res['timing']['train_seconds_mean']:.2f} s ({args.epochs} epochs)", flush=True)
         save()
+        for item, recipe in (RECIPE_ITEMS.items() if args.recipe_items else ()):
+            runs = [bench.train(bench.labels["clean"], s, args.epochs, recipe=recipe) for s in seeds]
+            res.setdefault("timing_recipe_items", {})[item] = {"recipe": recipe, **summarise(runs), "runs": runs}
+            got = res["timing_recipe_items"][item]
+            print(f"timing + {item}: {got['accuracy_mean']:.2f}% +- {got['accuracy_std']:.2f} in "
+                  f"{got['train_seconds_mean']:.2f} s", flush=True)
+            save()
 
     proxies: dict[str, dict] = {}
     if "dynamic" in args.parts:

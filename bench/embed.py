@@ -3,9 +3,10 @@
 Measures, on the GPU when torch sees one (else the CPU), and writes one JSON file
 ``bench/results/embed_<machine>_<date>.json`` (atomically) plus a table on stdout:
 
-(a) OpenCLIP ViT-B-32 with randomly initialised weights (no download): images per second end to end,
-    from the JPEG bytes of a Parquet file to stored float16 vectors (read -> decode -> tensor -> resize
-    to 224 -> normalise -> model -> float16 -> np.save), next to the model-only forward throughput on
+(a) OpenCLIP ViT-B-32 (or --model, --model-config) with randomly initialised weights (no download):
+    images per second end to end, from the JPEG bytes of a Parquet file to stored float16 vectors (read
+    -> decode -> tensor -> resize to the model's input (224) -> normalise -> model -> float16 ->
+    np.save), next to the model-only forward throughput on
     pre-made tensors already on the device, measured in the same run, and their ratio.
     GPU: batched nvjpeg decode (torchvision.io.decode_jpeg(list, device="cuda")), resize and normalise on
     the GPU in a producer thread on its own CUDA stream, bf16 autocast. CPU: the same steps on the CPU.
@@ -21,6 +22,7 @@ Examples
   python bench/embed.py --device cuda        # GPU: 50k images end to end, 1M x 512 kNN
   python bench/embed.py --skip-stage --clip-n 256 --model-n 256
   python bench/embed.py --skip-clip --skip-stage --big    # kNN only, including 1M x 512 on the CPU (IVF)
+  python bench/embed.py --skip-clip --skip-stage --knn-n 1000000 --json /tmp/knn.json   # one kNN case
 """
 from __future__ import annotations
 
@@ -96,9 +98,9 @@ class Phase:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
+    from importlib.metadata import version  # not `import open_clip`: seconds of imports a kNN-only run skips
+
     import faiss
-    import open_clip
-    import torchvision
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -114,7 +116,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "hostname": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
         "cpu": cpu, "cpu_count": os.cpu_count(), "available_cores": available_cores(),
         "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "open_clip": open_clip.__version__,
+        "torch": torch.__version__, "torchvision": version("torchvision"), "open_clip": version("open_clip_torch"),
         "faiss": faiss.__version__, "faiss_gpus": faiss.get_num_gpus(), "numpy": np.__version__,
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
@@ -128,12 +130,22 @@ def machine_slug(info: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- (a) CLIP
-def build_model(device: torch.device):
+def build_model(device: torch.device, name: str = "ViT-B-32", config: Optional[Path] = None):
+    """OpenCLIP ``name`` with random weights; ``config``: an OpenCLIP model config JSON registered first
+    (an architecture open_clip does not ship, e.g. the GPU script's tiny CPU check)."""
     import open_clip
 
+    if config is not None:
+        open_clip.add_model_config(config)
     # pretrained=None: random weights, no download; speed does not depend on the weights
-    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    model = open_clip.create_model(name, pretrained=None)
     return model.eval().to(device)
+
+
+def input_size(model) -> int:
+    """Side of the square image the model's vision tower takes (224 for ViT-B-32)."""
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def forward(model, x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -144,8 +156,9 @@ def forward(model, x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def model_only(model, device: torch.device, n: int, batch: int) -> dict[str, Any]:
-    """Images/s of the forward pass on pre-made (batch, 3, 224, 224) tensors already on the device."""
-    x = torch.randn(batch, 3, 224, 224, device=device, generator=torch.Generator(device).manual_seed(0))
+    """Images/s of the forward pass on pre-made (batch, 3, size, size) tensors already on the device."""
+    size = input_size(model)
+    x = torch.randn(batch, 3, size, size, device=device, generator=torch.Generator(device).manual_seed(0))
     forward(model, x, device)  # warm-up: kernels, cudnn/cublas heuristics, allocator
     sync(device)
     steps = max(1, -(-n // batch))
@@ -159,10 +172,11 @@ def model_only(model, device: torch.device, n: int, batch: int) -> dict[str, Any
             "images_per_s": round(steps * batch / seconds, 1)}
 
 
-def preprocess(images: list[torch.Tensor], device: torch.device, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Decoded uint8 CHW images (same size) -> (b, 3, 224, 224) float normalised, on ``device``."""
+def preprocess(images: list[torch.Tensor], device: torch.device, mean: torch.Tensor, std: torch.Tensor,
+               size: int = 224) -> torch.Tensor:
+    """Decoded uint8 CHW images (same size) -> (b, 3, size, size) float normalised, on ``device``."""
     x = torch.stack(images).to(device, non_blocking=True).float().div_(255.0)
-    x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return x.sub_(mean).div_(std)
 
 
@@ -176,16 +190,17 @@ def decode(blobs: list[bytes], device: torch.device) -> list[torch.Tensor]:
 
 
 def end_to_end(model, device: torch.device, parquet: Path, n: int, batch: int, out_dir: Path) -> dict[str, Any]:
-    """Images/s from Parquet JPEG bytes to a stored float16 (n, 512) .npy, decode overlapped with the model.
+    """Images/s from Parquet JPEG bytes to a stored float16 (n, dim) .npy, decode overlapped with the model.
 
     A producer thread reads the Parquet batches, decodes (nvjpeg on the GPU, on its own stream), resizes
     and normalises; the main thread runs the model and copies float16 vectors to a host array.
     """
+    size, dim = input_size(model), int(model.visual.output_dim)
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
     # warm-up of decode + model outside the timing (nvjpeg handles, kernels)
     warm = pq.ParquetFile(parquet).read_row_group(0, columns=["image"]).column("image").to_pylist()[:batch]
-    forward(model, preprocess(decode(warm, device), device, mean, std), device)
+    forward(model, preprocess(decode(warm, device), device, mean, std, size), device)
     sync(device)
 
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -202,12 +217,12 @@ def end_to_end(model, device: torch.device, parquet: Path, n: int, batch: int, o
                     break
                 if stream is not None:
                     with torch.cuda.stream(stream):
-                        x = preprocess(decode(blobs, device), device, mean, std)
+                        x = preprocess(decode(blobs, device), device, mean, std, size)
                         ev = torch.cuda.Event()
                         ev.record(stream)
                     q.put((x, ev))
                 else:
-                    q.put((preprocess(decode(blobs, device), device, mean, std), None))
+                    q.put((preprocess(decode(blobs, device), device, mean, std, size), None))
                 done += len(blobs)
                 if done >= n:
                     break
@@ -217,7 +232,7 @@ def end_to_end(model, device: torch.device, parquet: Path, n: int, batch: int, o
             q.put(None)
 
     t0 = time.perf_counter()
-    vectors = np.empty((n, 512), dtype=np.float16)
+    vectors = np.empty((n, dim), dtype=np.float16)
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()
     pos = 0
@@ -244,11 +259,11 @@ def end_to_end(model, device: torch.device, parquet: Path, n: int, batch: int, o
     save_npy(out_dir / "clip_embeddings.npy", vectors[:pos])
     seconds = time.perf_counter() - t0
     stored = np.load(out_dir / "clip_embeddings.npy", mmap_mode="r")
-    assert stored.shape == (pos, 512) and stored.dtype == np.float16 and np.isfinite(stored).all()
+    assert stored.shape == (pos, dim) and stored.dtype == np.float16 and np.isfinite(stored).all()
     return {"images": pos, "seconds": round(seconds, 3), "images_per_s": round(pos / seconds, 1),
             "batch_size": batch, "decode": f"torchvision.io.decode_jpeg(list, device='{device.type}')",
             "precision": "bf16 autocast" if device.type == "cuda" else "float32",
-            "stored": "float16 (n, 512) .npy"}
+            "input_size": size, "stored": f"float16 (n, {dim}) .npy"}
 
 
 # ----------------------------------------------------------------------------------------------- (b) kNN
@@ -320,7 +335,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--clip-n", type=int, help="images end to end (default 256 on the CPU, 50000 on a GPU)")
     p.add_argument("--model-n", type=int, help="images through the model-only pass (default: --clip-n)")
     p.add_argument("--batch-size", type=int, help="CLIP batch (default 64 on the CPU, 1024 on a GPU)")
-    p.add_argument("--knn-n", type=int, default=50_000, help="rows of the kNN case (default 50000)")
+    p.add_argument("--model", default="ViT-B-32", help="OpenCLIP architecture (random weights)")
+    p.add_argument("--model-config", type=Path, help="OpenCLIP model config JSON naming --model (registered first)")
+    p.add_argument("--knn-n", type=int, nargs="+",
+                   help="rows of the kNN cases (default: 50000, plus 1000000 on a GPU or with --big)")
     p.add_argument("--knn-d", type=int, default=512)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--big", action="store_true", help="on the CPU also run 1M x d (IVF path; slow)")
@@ -330,6 +348,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--skip-stage", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder of the JSON result")
+    p.add_argument("--json", type=Path, help="the JSON result's path (instead of a name in --out)")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'cores shared with other jobs')")
     return p.parse_args(argv)
 
@@ -339,8 +358,8 @@ def table(result: dict[str, Any]) -> str:
     c = result.get("clip")
     if c:
         dev = result["machine"]["device"]
-        rows += [(f"ViT-B-32 end to end ({dev}, {c['end_to_end']['images']} img)", f"{c['end_to_end']['images_per_s']} img/s"),
-                 (f"ViT-B-32 model only ({dev}, {c['model_only']['images']} img)", f"{c['model_only']['images_per_s']} img/s"),
+        rows += [(f"{c['model']} end to end ({dev}, {c['end_to_end']['images']} img)", f"{c['end_to_end']['images_per_s']} img/s"),
+                 (f"{c['model']} model only ({dev}, {c['model_only']['images']} img)", f"{c['model_only']['images_per_s']} img/s"),
                  ("end to end / model only", f"{c['ratio']:.2f}")]
     for case in result.get("knn", []):
         rows.append((f"kNN {case['n']:,} x {case['d']}, k={case['k']} ({case['backend']})", f"{case['seconds']:.2f} s"))
@@ -378,12 +397,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             result["stage"] = stage_memory(args.parquet, args.stage_n, tmp / "stage_project")
         if not args.skip_clip:
             with Phase("clip_model_load", device, result):
-                model = build_model(device)
+                model = build_model(device, args.model, args.model_config)
             with Phase("clip_model_only", device, result):
                 only = model_only(model, device, model_n, batch)
             with Phase("clip_end_to_end", device, result):
                 e2e = end_to_end(model, device, args.parquet, clip_n, batch, tmp)
-            result["clip"] = {"model": "ViT-B-32", "weights": "random (pretrained=None)",
+            result["clip"] = {"model": args.model, "weights": "random (pretrained=None: no download; the throughput does not depend on the weights)",
                               "model_only": only, "end_to_end": e2e,
                               "ratio": round(e2e["images_per_s"] / only["images_per_s"], 3)}
             del model
@@ -391,7 +410,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 torch.cuda.empty_cache()
         if not args.skip_knn:
             result["knn"] = []
-            cases = [args.knn_n] + ([1_000_000] if gpu or args.big else [])
+            cases = args.knn_n or [50_000] + ([1_000_000] if gpu or args.big else [])
             for n in cases:
                 with Phase(f"knn_{n}", device, result):
                     case = knn_case(n, args.knn_d, args.k, device, args.seed)
@@ -400,7 +419,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 result["knn"].append(case)
 
     result["seconds_total"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)
-    out = args.out / f"embed_{machine_slug(result['machine'])}_{started:%Y%m%d}.json"
+    out = args.json or args.out / f"embed_{machine_slug(result['machine'])}_{started:%Y%m%d}.json"
     write_json(out, result)
     print(table(result))
     print(f"\nwrote {out}")

@@ -249,6 +249,11 @@ class AdaAugmentParams(Section):
     kwargs: dict[str, Any] = {}  # checked against AdaAugment by dataopt.plugins.check_methods
 
 
+# the forward pass's precision and the flip scheme of train.augment=flip_crop (dataopt.train.loop.fit)
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Flip = Literal["random", "alternating"]
+
+
 class TrainParams(Section):
     model: str = "small_cnn"
     mode: Literal["auto", "image", "head"] = AUTO  # head: a classifier on the embed stage's embeddings
@@ -263,9 +268,19 @@ class TrainParams(Section):
     augment: Literal["none", "flip_crop", "crop"] = "none"
     translate: Optional[int] = Field(None, ge=1)  # crop: largest shift in px; null = image width // 8
     lookahead: bool = False  # airbench's weight EMA every 5 steps, used as the final weights
+    # auto: bf16 autocast on a GPU, float32 on the CPU; bf16 / fp16 autocast anywhere (fp16: gradient scaler)
+    precision: Precision = "auto"
+    flip: Flip = "random"  # flip_crop: random (coin per sample and epoch) | alternating (airbench94)
+    whiten_bias_epochs: Optional[int] = Field(None, ge=0)  # airbench: train the whitening bias only this long
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dynamic: DynamicParams = DynamicParams()
     adaaugment: AdaAugmentParams = AdaAugmentParams()
+
+    @model_validator(mode="after")
+    def _flip(self) -> "TrainParams":
+        if self.flip == "alternating" and self.augment != "flip_crop":
+            raise ValueError(f"flip: 'alternating' mirrors under augment 'flip_crop'; augment is {self.augment!r}")
+        return self
 
 
 class EvaluateParams(Section):

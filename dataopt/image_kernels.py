@@ -38,6 +38,7 @@ def random_crop_flip(
     flip: bool,
     gen: torch.Generator,
     max_shift: Optional[torch.Tensor] = None,
+    flip_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Batched random translation (reflect padding) and horizontal flip, one draw per sample.
 
@@ -47,6 +48,9 @@ def random_crop_flip(
     pad : reflect padding on each side; without ``max_shift`` every sample moves by up to ``pad`` px.
     max_shift : (B,) int64 CPU tensor, optional
         Per-sample largest translation in px (each ``<= pad``; 0 leaves the sample in place).
+    flip_mask : (B,) bool CPU tensor, optional
+        With ``flip``: which samples are mirrored, instead of a fair coin per sample (e.g. airbench's
+        alternating flip); nothing is drawn from ``gen`` for the flips then.
     """
     b, c, h, w = x.shape
     dev = x.device
@@ -67,6 +71,7 @@ def random_crop_flip(
         ci = torch.arange(c, device=dev)[None, :, None, None]
         x = padded[bi, ci, rows, cols]
     if flip:
-        mask = (torch.rand(b, generator=gen) < 0.5).to(dev)[:, None, None, None]
+        mask = torch.rand(b, generator=gen) < 0.5 if flip_mask is None else flip_mask.bool()
+        mask = mask.to(dev)[:, None, None, None]
         x = torch.where(mask, x.flip(3), x)
     return x

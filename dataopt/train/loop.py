@@ -11,7 +11,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, get_args
 
 import numpy as np
 import torch
@@ -20,8 +20,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dataopt import interrupt
+from dataopt.config import Flip, Precision
 from dataopt.errors import ConfigError, DivergedError
 from dataopt.image_kernels import crop_pad, normalise, random_crop_flip, standardise
+
+PRECISIONS, FLIPS = get_args(Precision), get_args(Flip)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``precision`` on ``device``; None = float32, no autocast. ``auto`` is bf16
+    on a GPU and float32 on the CPU (CPU autocast is slower without AMX); ``fp16`` trains with a gradient
+    scaler (its range is too narrow for small gradients)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
 
 def resolve_device(device: str = "auto", key: str = "train.device") -> torch.device:
     """``auto`` -> cuda when torch sees a GPU, else cpu; ``key`` names the param in the error."""
@@ -57,6 +72,9 @@ class FitConfig:
     augment: str = "none"  # "none" | "crop" | "flip_crop" (images only)
     translate: Optional[int] = None  # crop: largest shift in px (reflect padding); None = width // 8
     lookahead: bool = False  # airbench's lookahead: an EMA of the weights every 5 steps, used at the end
+    precision: str = "auto"  # PRECISIONS: the autocast dtype of the forward pass (see autocast_dtype)
+    flip: str = "random"  # FLIPS: how augment="flip_crop" mirrors (random: a fair coin per sample and epoch)
+    whiten_bias_epochs: Optional[int] = None  # train a whitening layer's bias only in the first N epochs
     seed: int = 0
     max_seconds: Optional[float] = None  # stop after the epoch that crosses this budget
     progress: bool = True
@@ -117,6 +135,14 @@ def fit(
         as trained: augmented, before weighting; NaN until first seen) - the per-sample signal of the
         dynamic methods and of the perception stage's dynamics.
 
+    ``cfg.flip="alternating"`` (images with ``augment="flip_crop"``, built-in path only): airbench94's
+    derandomised flip (Jordan 2024, arXiv:2404.00498, §3.6 "Alternating flip"; ``legacy/airbench94.py`` of
+    KellerJordan/cifar10-airbench): each sample gets one fair coin before the first epoch, is mirrored
+    in odd epochs when it came up heads and in even epochs when not, so every two consecutive epochs
+    show it both ways. ``cfg.whiten_bias_epochs=N``: ``model.whiten.bias`` gets gradients only in the
+    first N epochs and then keeps its value, as airbench94 trains it for 3 (its lookahead average, when
+    on, still moves it afterwards, as there).
+
     Models may define ``prepare(x_normalised)`` (data-dependent initialisation, e.g. airbench's
     whitening, run once on the first 5,000 training images) and ``param_groups(lr, weight_decay)``
     (per-group SGD settings); channels-last memory layout is used for images on a GPU.
@@ -134,6 +160,7 @@ def fit(
     device = x.device
     n = len(x)
     gen = torch.Generator().manual_seed(cfg.seed)
+    amp_dtype = autocast_dtype(cfg.precision, device)
     w = torch.ones(n, device=device) if weights is None else weights.to(device).float()
     w = w / w.mean().clamp_min(1e-12)
     draw_p = None
@@ -149,6 +176,8 @@ def fit(
         raise ValueError(f"selector.epoch_sizes_ must hold {cfg.epochs} positive sizes, got {sizes}")
     total = sum(max(1, math.ceil(k / cfg.batch_size)) for k in sizes)
     is_image = x.dtype == torch.uint8 and x.dim() == 4
+    flip_coin = _alternating_flip_coins(cfg, n, is_image, augment_fn is not None, gen)
+    whiten_bias = _whitening_bias(model, cfg)
     channels_last = is_image and device.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -164,7 +193,7 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
     )
-    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     check_steps = device.type != "cuda"  # reading a loss on the CPU costs nothing; on a GPU it syncs
     ema = _Lookahead(model, total) if cfg.lookahead else None
     history = cfg.history
@@ -174,6 +203,8 @@ def fit(
     bar = tqdm(range(cfg.epochs), desc=cfg.desc, disable=not cfg.progress, leave=False)
     for epoch in bar:
         model.train()
+        if whiten_bias is not None:
+            whiten_bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
         dyn_w = None
         sel_stats: dict = {}
         if selector is not None:
@@ -200,20 +231,22 @@ def fit(
             elif is_image and (cfg.augment != "none" or mags is not None):
                 pad = crop_pad(cfg.translate, xb.shape[-1])
                 flip = cfg.augment == "flip_crop"
+                rows = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+                # alternating: mirrored when the sample's coin and the epoch's parity differ
+                mask = None if flip_coin is None else flip_coin[rows] ^ bool(epoch % 2)
                 if mags is None:
-                    xb = random_crop_flip(xb.float(), pad, flip, gen)
+                    xb = random_crop_flip(xb.float(), pad, flip, gen, flip_mask=mask)
                 else:
                     base = pad if cfg.augment != "none" else 0
-                    m = mags[order[s * cfg.batch_size : (s + 1) * cfg.batch_size]]
-                    shift = base + torch.ceil(m * pad).long()
-                    xb = random_crop_flip(xb.float(), base + pad, flip, gen, max_shift=shift)
+                    shift = base + torch.ceil(mags[rows] * pad).long()
+                    xb = random_crop_flip(xb.float(), base + pad, flip, gen, max_shift=shift, flip_mask=mask)
                 xb = standardise(xb)
             else:
                 xb = normalise(xb)
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             wb = w[idx] if dyn_w is None else w[idx] * dyn_w[idx]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 logits = model(xb)
             if loss_fn is None:
                 losses = F.cross_entropy(
@@ -227,8 +260,13 @@ def fit(
             if check_steps and not math.isfinite(loss_value := float(loss.detach())):
                 _diverged(cfg, f"at epoch {epoch + 1}, step {s + 1}: loss is {loss_value}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             sched.step()
             if ema is not None:
                 ema.step(model)
@@ -259,8 +297,34 @@ def fit(
     if ema is not None:
         ema.finish(model)
         _check_weights(model, cfg, "in the lookahead average")
+    if whiten_bias is not None:
+        whiten_bias.requires_grad_(True)  # as built: a later fit starts from the same model
     model.eval()
     return history
+
+
+def _alternating_flip_coins(cfg: FitConfig, n: int, is_image: bool, has_augment_fn: bool,
+                            gen: torch.Generator) -> Optional[torch.Tensor]:
+    """(n,) bool CPU coins of ``cfg.flip="alternating"`` (None for random flips); drawn once from ``gen``."""
+    if cfg.flip not in FLIPS:
+        raise ValueError(f"flip {cfg.flip!r} is not one of {', '.join(FLIPS)}")
+    if cfg.flip == "random":
+        return None
+    if has_augment_fn or not is_image or cfg.augment != "flip_crop":
+        raise ValueError("flip='alternating' is the built-in augment='flip_crop' path on images; "
+                         "an augment_fn, or another augment, does not flip by it")
+    return torch.rand(n, generator=gen) < 0.5
+
+
+def _whitening_bias(model: nn.Module, cfg: FitConfig) -> Optional[torch.Tensor]:
+    """The bias of ``model.whiten`` that ``cfg.whiten_bias_epochs`` freezes (None when not set)."""
+    if cfg.whiten_bias_epochs is None:
+        return None
+    bias = getattr(getattr(model, "whiten", None), "bias", None)
+    if bias is None or cfg.whiten_bias_epochs < 0:
+        raise ValueError("whiten_bias_epochs needs a model with a whitening layer with a bias (model.whiten, "
+                         f"e.g. airbench) and a count >= 0; {type(model).__name__}, {cfg.whiten_bias_epochs}")
+    return bias
 
 
 def _diverged(cfg: FitConfig, where: str) -> None:

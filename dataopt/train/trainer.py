@@ -269,13 +269,14 @@ def train_model(
         epochs=tp.epochs, batch_size=tp.batch_size, lr=tp.lr, momentum=tp.momentum,
         weight_decay=tp.weight_decay, label_smoothing=tp.label_smoothing, augment=tp.augment,
         translate=tp.translate, lookahead=tp.lookahead, seed=seed, progress=progress, desc="train",
-        lr_key="train.lr",
+        lr_key="train.lr", precision=tp.precision, flip=tp.flip, whiten_bias_epochs=tp.whiten_bias_epochs,
     )
     loss_fn, augment_fn, owns_magnitudes = plan_training(ts, tp)
     on_epoch = None
     if tp.adaaugment.enabled:
         ada = adaptive_augmenter(ts, tp, seed, model, y, augment_fn)
         augment_fn, owns_magnitudes, on_epoch = ada, True, lambda epoch, _m: ada.epoch_stats(epoch)
+    check_recipe(tp, model, augment_fn)
     history = loop.fit(
         model, x, y, cfg, weights=tensor_or_none(ts.weights), sampling_weights=tensor_or_none(ts.sampling_weights),
         augment_magnitudes=None if owns_magnitudes else tensor_or_none(ts.augment_magnitudes),
@@ -291,6 +292,17 @@ def train_model(
         **run_config(ts, tp, selector),
     }
     return model, history, config
+
+
+def check_recipe(tp: Any, model: nn.Module, augment_fn: Optional[Any]) -> None:
+    """ConfigError for airbench recipe params the run cannot honour: alternating flips under an
+    augmentation that flips by itself, a whitening-bias freeze on a model without a whitening layer."""
+    if tp.flip == "alternating" and augment_fn is not None:
+        raise ConfigError("train.flip='alternating' is applied by the built-in flip_crop augmentation; the plan's "
+                          "image/mix policy or adaaugment flips by itself: use train.flip='random'")
+    if tp.whiten_bias_epochs is not None and getattr(getattr(model, "whiten", None), "bias", None) is None:
+        raise ConfigError(f"train.whiten_bias_epochs freezes a whitening layer's bias; train.model={tp.model!r} "
+                          "has none (airbench has): set it to null")
 
 
 def adaptive_augmenter(ts: TrainSet, tp: Any, seed: int, model: nn.Module, y: torch.Tensor,
