@@ -26,7 +26,7 @@ def _with(params: Params, section: str, **values) -> Params:
 
 
 def test_a_stage_differs_only_when_its_own_params_sections_differ():
-    from flows.curate import differs
+    from tasks.versioning import differs
 
     base = Params()
     assert not any(differs(n, base, base) for n in stages.ORDER)
