@@ -1,4 +1,4 @@
-"""The ``curate`` flow: the seven stages as Prefect tasks, then one MLflow run.
+"""The ``curate`` flow: the seven stages as Prefect tasks, then one MLflow run (a nested run per stage).
 
 Run it with ``dataopt run`` (or :func:`run`). It needs no Prefect server: with none configured,
 Prefect starts its local ephemeral API for the duration of the run.
@@ -56,7 +56,8 @@ def curate(
 
     Returns ``{"stages": {name: {"status": "ran"|"cached", "why": reason (:class:`StagePlan`),
     "seconds": s, "started_at": t, "ended_at": t, "metrics": {...}}}, "side": {name: "ran"|"cached"|
-    "skipped"}, "tracking": {...}, "dvc": message}``.
+    "skipped"}, "tracking": {...}, "dvc": message}``; MLflow gets one pipeline run with one nested run
+    per stage (:func:`tasks.tracking.log_run`).
     """
     t_start = time.time()
     logger = get_run_logger()
@@ -91,8 +92,7 @@ def curate(
                 logger.info("%s: %s in %.1f s", name, runs[name]["status"], runs[name]["seconds"])
         summary: dict[str, Any] = {"stages": {n: runs[n] for n in ORDER},
                                    "side": {n: runs[n]["status"] for n in SIDE_STAGES}}
-        summary["tracking"] = track_task()(params, paths, "prefect", overrides,
-                                           {n: r["status"] for n, r in summary["stages"].items()}, started_at=t_start,
+        summary["tracking"] = track_task()(params, paths, "prefect", overrides, runs, started_at=t_start,
                                            parent_run_id=parent_run_id)
         if cache is None:
             summary["dvc"] = note

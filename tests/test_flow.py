@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import types
 from pathlib import Path
 
@@ -89,7 +90,12 @@ def test_tracking_logs_one_complete_run(tmp_path, monkeypatch):
     p = Params().model_copy(update={"tracking": Params().tracking.model_copy(
         update={"experiment": long[:20]}), "ingest": Params().ingest.model_copy(
         update={"classes": [long]})})
-    info = log_run(p, paths, overrides=["train.epochs=1"])
+    now = time.time()
+    ran = {"status": "ran", "why": "changed deps: artifacts/optimize/plan.parquet modified",
+           "started_at": now - 3, "ended_at": now - 1.5, "metrics": {"samples_seen": 100, "seconds": 1.5}}
+    cached = {"status": "cached", "why": "dvc.lock up to date", "started_at": now - 1.5, "ended_at": now - 1.4,
+              "metrics": {"accuracy": 0.93, "per_class_accuracy": {"0": 0.9}, "ece": float("nan")}}
+    info = log_run(p, paths, overrides=["train.epochs=1"], stages={"train": ran, "evaluate": cached})
 
     assert info["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert json.loads((tmp_path / "artifacts" / "track" / "run.json").read_text()) == info
@@ -123,6 +129,20 @@ def test_tracking_logs_one_complete_run(tmp_path, monkeypatch):
     sha = file_digest(tmp_path / "artifacts" / "ingest" / "samples.parquet")
     assert inputs[0].dataset.digest == sha[:32]
     assert {t.key: t.value for t in inputs[0].tags}["sha256"] == sha
+
+    # each stage of the execution is a run nested under it, spanning the stage's own time
+    assert d.tags["dataopt.stage.train"] == "ran" and d.tags["dataopt.stage.evaluate"] == "cached"
+    nested = {r.info.run_name: r for r in client.search_runs(
+        [info["experiment_id"]], f"tags.`mlflow.parentRunId` = '{info['run_id']}'")}
+    assert set(nested) == {"train", "evaluate"}
+    for name, rec in (("train", ran), ("evaluate", cached)):
+        r = nested[name]
+        assert r.info.status == "FINISHED" and r.data.tags["dataopt.kind"] == "stage"
+        assert r.data.tags["dataopt.stage"] == name and r.data.tags["dataopt.stage_status"] == rec["status"]
+        assert r.data.tags["dataopt.stage_reason"] == rec["why"]
+        assert r.info.start_time == int(rec["started_at"] * 1000) and r.info.end_time == int(rec["ended_at"] * 1000)
+    assert nested["train"].data.metrics == {"samples_seen": 100, "seconds": 1.5}
+    assert nested["evaluate"].data.metrics == {"accuracy": pytest.approx(0.93)}  # headline, finite only
 
     # a second call is a second run in the same experiment
     info2 = log_run(p, paths)
