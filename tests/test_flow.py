@@ -39,6 +39,55 @@ def test_a_stage_differs_only_when_its_own_params_sections_differ():
     assert all(differs(n, base, None) for n in stages.ORDER)  # no params.yaml: nothing to compare
 
 
+class FakeCache:
+    """DVC's answers by stage (None: up to date) and the stages committed to dvc.lock."""
+
+    def __init__(self, stale: dict):
+        self.answers, self.committed = stale, []
+
+    def stale(self, name):
+        return self.answers.get(name)
+
+    def commit(self, name):
+        self.committed.append(name)
+
+
+def test_a_stage_plan_runs_what_is_stale_forced_or_overridden_and_records_only_the_projects_params():
+    from tasks.versioning import StagePlan
+
+    base = Params()
+
+    def walk(plan):
+        out = {}
+        for n in stages.ALL:
+            d = plan.decide(n, beside=n not in stages.ORDER)
+            out[n] = (d.status, d.reason)
+            if d.run:
+                plan.ran(n)
+        return out
+
+    cache = FakeCache({"train": "changed deps: plan.parquet modified", "evaluate": "not in dvc.lock",
+                       "drift": "changed deps: data modified"})
+    got = walk(StagePlan(cache, base, base))
+    assert got["optimize"] == ("cached", "dvc.lock up to date")
+    assert got["train"] == ("run", "changed deps: plan.parquet modified")
+    assert got["drift"] == ("run", "changed deps: data modified")  # beside the chain: stale, recorded
+    assert cache.committed == ["train", "evaluate", "drift"]
+
+    cache = FakeCache({})  # an override of train's params: train and what follows run, nothing recorded
+    plan = StagePlan(cache, _with(base, "train", epochs=1), base)
+    got = walk(plan)
+    assert [n for n, (s, _) in got.items() if s == "run"] == ["train"] and plan.tainted
+    assert got["train"] == ("run", "params differ from params.yaml") and got["drift"][0] == "skipped"
+    assert cache.committed == []
+
+    got = walk(StagePlan(FakeCache({}), base, base, force="--no-cache"))
+    assert all(got[n] == ("run", "--no-cache") for n in stages.ORDER) and got["drift"][0] == "cached"
+    got = walk(StagePlan(None, base, base))  # outside a DVC project: the chain runs, nothing beside it
+    assert all(got[n] == ("run", "no DVC project") for n in stages.ORDER)
+    assert got["drift"] == ("skipped", "no DVC project")
+
+
 def test_user_errors_are_not_retried():
     from prefect.states import Failed
 
