@@ -1,12 +1,12 @@
-"""The ``curate`` flow: the seven stages as Prefect tasks, then one MLflow run.
+"""The ``curate`` flow: the seven stages as Prefect tasks, then one MLflow run (a nested run per stage).
 
 Run it with ``dataopt run`` (or :func:`run`). It needs no Prefect server: with none configured,
 Prefect starts its local ephemeral API for the duration of the run.
 
-DVC is the one cache (:mod:`tasks.versioning`): a stage runs when ``dvc status`` says it is stale (or
-``--no-cache``, or its params differ from the project's params.yaml), and each stage that ran with the
-project's params is recorded in ``dvc.lock`` at once, so a killed run keeps what it finished and
-``dvc repro`` afterwards has nothing to do.
+DVC is the one cache (:class:`tasks.versioning.StagePlan`): a stage runs when ``dvc status`` says it
+is stale (or ``--no-cache``, or its params differ from the project's params.yaml), and each stage that
+ran with the project's params is recorded in ``dvc.lock`` at once, so a killed run keeps what it
+finished and ``dvc repro`` afterwards has nothing to do.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from dataopt.io import read_json
 from dataopt.paths import Paths
 from tasks import prefect_server
 from tasks.stages import stage_task, track_task
-from tasks.versioning import StageCache, differs
+from tasks.versioning import StageCache, StagePlan
 from dataopt.plugins import check_methods
 
 
@@ -54,8 +54,10 @@ def curate(
 ) -> dict[str, Any]:
     """Run the stale stages of ingest -> ... -> evaluate, log one MLflow run, keep dvc.lock current.
 
-    Returns ``{"stages": {name: {"status": "ran"|"cached", "seconds": s, "metrics": {...},
-    "why": reason}}, "tracking": {...}, "dvc": message}``.
+    Returns ``{"stages": {name: {"status": "ran"|"cached", "why": reason (:class:`StagePlan`),
+    "seconds": s, "started_at": t, "ended_at": t, "metrics": {...}}}, "side": {name: "ran"|"cached"|
+    "skipped"}, "tracking": {...}, "dvc": message}``; MLflow gets one pipeline run with one nested run
+    per stage (:func:`tasks.tracking.log_run`).
     """
     t_start = time.time()
     logger = get_run_logger()
@@ -65,50 +67,36 @@ def curate(
     paths = Paths.at(project)
     params = check_methods(load_params(params_path or paths.params, overrides))
     project_params = load_params(paths.params) if paths.params.exists() else None
-    summary: dict[str, Any] = {"stages": {}}
     cache, note = StageCache.open(paths.root)
-    tainted = False  # a stage ran with params that are not the project's: nothing after it is committed
+    force = "--no-cache" if no_cache else None if params.orchestration.cache else "orchestration.cache: false"
+    plan = StagePlan(cache, params, project_params, force)
+    runs: dict[str, dict[str, Any]] = {}  # every stage's record, the chain's and those beside it
     try:
-        for name in ORDER:
-            t0 = time.perf_counter()
-            own = differs(name, params, project_params)
-            tainted = tainted or own
-            if no_cache or not params.orchestration.cache:
-                why: Optional[str] = "--no-cache" if no_cache else "orchestration.cache: false"
-            elif own:
-                why = "params differ from params.yaml"
-            elif cache is None:
-                why = "no DVC project"
-            else:
-                why = cache.stale(name)
-            if why is None:
-                metrics = read_json(paths.artifacts / name / "metrics.json")
-            else:
-                logger.info("%s: running (%s)", name, why)
-                metrics = stage_task(name, params).submit(name, params, str(paths.root)).result()
-                if cache is not None and not tainted:
-                    cache.commit(name)
-            summary["stages"][name] = {"status": "ran" if why else "cached", "why": why,
-                                       "seconds": round(time.perf_counter() - t0, 2), "metrics": metrics}
-            logger.info("%s: %s in %.1f s", name, summary["stages"][name]["status"],
-                        summary["stages"][name]["seconds"])
         # the stages beside the chain (drift) are brought up to date too, when DVC says they are stale,
         # so that `dvc status` is clean after a `dataopt run` as after a `dvc repro`
-        summary["side"] = {}
-        for name in SIDE_STAGES:
-            why = None if cache is None or tainted else cache.stale(name)
-            if why is not None:
-                logger.info("%s: running (%s)", name, why)
-                stage_task(name, params).submit(name, params, str(paths.root)).result()
-                cache.commit(name)
-            summary["side"][name] = "ran" if why is not None else "skipped" if cache is None or tainted \
-                else "cached"
-        status = {n: s["status"] for n, s in summary["stages"].items()}
-        summary["tracking"] = track_task()(params, paths, "prefect", overrides, status, started_at=t_start,
+        for name in ORDER + SIDE_STAGES:
+            started = time.time()
+            decision = plan.decide(name, beside=name in SIDE_STAGES)
+            metrics: dict[str, Any] = {}
+            if decision.run:
+                logger.info("%s: running (%s)", name, decision.reason)
+                metrics = stage_task(name, params).submit(name, params, str(paths.root)).result()
+                plan.ran(name)
+            elif decision.status == "cached":
+                metrics = read_json(paths.artifacts / name / "metrics.json")
+            ended = time.time()
+            runs[name] = {"status": "ran" if decision.run else decision.status, "why": decision.reason,
+                          "seconds": round(ended - started, 2), "metrics": metrics, "started_at": started,
+                          "ended_at": ended}
+            if name in ORDER:
+                logger.info("%s: %s in %.1f s", name, runs[name]["status"], runs[name]["seconds"])
+        summary: dict[str, Any] = {"stages": {n: runs[n] for n in ORDER},
+                                   "side": {n: runs[n]["status"] for n in SIDE_STAGES}}
+        summary["tracking"] = track_task()(params, paths, "prefect", overrides, runs, started_at=t_start,
                                            parent_run_id=parent_run_id)
         if cache is None:
             summary["dvc"] = note
-        elif tainted:
+        elif plan.tainted:
             summary["dvc"] = ("params differ from params.yaml (--set or --params): the stages that used "
                               "them are not recorded in dvc.lock")
         else:

@@ -3,7 +3,8 @@
 Used by the Prefect flow (``flows.curate``) after the chain and by ``dataopt track`` (the last DVC
 stage), so that ``dataopt run``, ``dvc repro`` and ``dvc exp run`` each record exactly one run with
 the params, every stage's metrics, plots and reports, the trained model and the dataset digest.
-The run id is written to ``artifacts/track/run.json`` (the ``track`` stage's output).
+The run id is written to ``artifacts/track/run.json`` (the ``track`` stage's output). Under the run
+of a ``curate`` flow, each stage is a run of its own (:func:`log_stage_runs`), nested under it.
 
 The run spans the pipeline's wall time: it starts when the pipeline started (the flow passes its
 start; otherwise the earliest start among the stages of this execution, from their ``stage.json``,
@@ -31,7 +32,7 @@ from dataopt.io import file_digest, read_json, write_json
 from dataopt.lock import process_alive
 from dataopt.paths import Paths
 from dataopt.profiles import describe
-from dataopt.stages import ORDER, STAGE_FILE, defaults_applied, launcher
+from dataopt.stages import HEADLINE, ORDER, STAGE_FILE, defaults_applied, launcher
 
 PARAM_VALUE_LIMIT = 500  # MLflow rejects longer param values on some stores
 DIGEST_LIMIT = 32  # MLflow's dataset digest column is String(36); the full sha256 goes in a tag
@@ -212,7 +213,7 @@ def log_run(
     paths: Paths,
     entry: Optional[str] = None,
     overrides: Optional[list[str]] = None,
-    stage_status: Optional[dict[str, str]] = None,
+    stages: Optional[dict[str, dict[str, Any]]] = None,
     started_at: Optional[float] = None,
     parent_run_id: Optional[str] = None,
 ) -> dict[str, Any]:
@@ -224,7 +225,10 @@ def log_run(
     paths : project paths.
     entry : entry-point tag (``prefect``, ``dvc``, ``dvc-exp``, ``cli``); default from the environment.
     overrides : ``--set`` overrides of this run (recorded as a tag).
-    stage_status : ``{"ingest": "ran" | "cached", ...}`` from the flow (recorded as tags).
+    stages : the flow's record of each stage of this execution, ``{"ingest": {"status": "ran" |
+        "cached" | "skipped", "why": reason, "started_at": t, "ended_at": t, "metrics": {...}}}``:
+        the statuses are tags of the run, and each stage is a run nested under it
+        (:func:`log_stage_runs`).
     started_at : when the pipeline started (unix seconds; the flow passes its start); default
         :func:`pipeline_start`, else now. The run starts then and ends when logging is done.
     parent_run_id : the MLflow run of the loop flow this pipeline ran in (nested under it).
@@ -264,7 +268,8 @@ def log_run(
         tags["mlflow.source.git.commit"] = commit
     if overrides:
         tags["dataopt.overrides"] = " ".join(overrides)[:5000]
-    for stage, status in (stage_status or {}).items():
+    stage_status = {stage: rec["status"] for stage, rec in (stages or {}).items()}
+    for stage, status in stage_status.items():
         tags[f"dataopt.stage.{stage}"] = status
     start, tags["dataopt.run_start"] = started_at, "passed"
     if start is None:
@@ -276,6 +281,7 @@ def log_run(
                             run_name=f"{entry}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(start))}")
     run_id = run.info.run_id
     try:
+        log_stage_runs(client, exp_id, run_id, stages or {}, tags)
         now = int(time.time() * 1000)
         for chunk in _chunks([Param(k, v) for k, v in _params(params).items()], 100):
             client.log_batch(run_id, params=chunk)
@@ -324,6 +330,29 @@ def log_run(
     info = {"run_id": run_id, "experiment_id": exp_id, "tracking_uri": uri, "enabled": True}
     write_json(out_file, info)
     return info
+
+
+def log_stage_runs(client: Any, exp_id: str, parent_id: str, stages: dict[str, dict[str, Any]],
+                   pipeline_tags: dict[str, str]) -> None:
+    """One run per stage nested under the pipeline run ``parent_id``, named after the stage and
+    spanning the stage's own start and end (the UI's Duration is the stage's), tagged with its status
+    and why (``dataopt.kind=stage``, ``dataopt.stage``, ``dataopt.stage_status``,
+    ``dataopt.stage_reason``), with its headline metrics (``HEADLINE``; every metric is in the pipeline
+    run). Three MLflow calls a stage."""
+    from mlflow.entities import Metric
+
+    # the pipeline run's process tags, so that fail_dead_runs closes a stage run its death left open
+    process = {k: pipeline_tags[k] for k in ("mlflow.source.name", "dataopt.pid", "dataopt.host")}
+    for stage, rec in stages.items():
+        tags = {**process, "mlflow.parentRunId": parent_id, "dataopt.kind": "stage", "dataopt.stage": stage,
+                "dataopt.stage_status": rec["status"], "dataopt.stage_reason": str(rec["why"])[:5000]}
+        start, end = int(rec["started_at"] * 1000), int(rec["ended_at"] * 1000)
+        run_id = client.create_run(exp_id, start_time=start, tags=tags, run_name=stage).info.run_id
+        headline = {k: rec["metrics"][k] for k in HEADLINE.get(stage, ()) if k in rec["metrics"]}
+        metrics = [Metric(k.split(".", 1)[1], v, end, 0) for k, v in flat_metrics(stage, headline).items()]
+        if metrics:
+            client.log_batch(run_id, metrics=metrics)
+        client.set_terminated(run_id, status="FINISHED", end_time=end)
 
 
 def log_drift(params: Params, paths: Paths, started_at: float, parent_run_id: Optional[str] = None) -> Optional[str]:

@@ -10,6 +10,7 @@ in ``dvc.lock`` (``dvc commit <stage>``), so that ``dvc repro`` then has nothing
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -88,6 +89,63 @@ def differs(name: str, params: Params, project_params: Optional[Params]) -> bool
         return True
     mine, theirs = params.model_dump(mode="json"), project_params.model_dump(mode="json")
     return any(_section(mine, s) != _section(theirs, s) for s in stage_params(name))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether one stage runs in this execution: ``status`` ``"run"``, ``"cached"`` (dvc.lock holds it)
+    or ``"skipped"`` (a stage beside the chain that this execution may not bring up to date), and
+    ``reason``, why (``params differ from params.yaml``, DVC's ``changed deps: ...``, ...)."""
+
+    stage: str
+    status: str
+    reason: str
+
+    @property
+    def run(self) -> bool:
+        return self.status == "run"
+
+
+class StagePlan:
+    """Which stages of one execution run and why, and which of them ``dvc.lock`` may record.
+
+    Ask :meth:`decide` stage by stage, in pipeline order, each after the stages before it ran: DVC's
+    answer for a stage depends on the outputs of those before it. A stage runs when ``force`` says so
+    (``--no-cache``), when its params differ from the project's params.yaml (DVC's answer is not about
+    this run's params), outside a DVC project, or when ``dvc status`` says it is stale. Once one
+    stage has run with params that are not the project's, the execution is *tainted*: nothing after it
+    is recorded in dvc.lock (:meth:`ran`), and the stages beside the chain are not brought up to date.
+    """
+
+    def __init__(self, cache: Optional[StageCache], params: Params, project_params: Optional[Params],
+                 force: Optional[str] = None):
+        self.cache, self.params, self.project_params, self.force = cache, params, project_params, force
+        self.tainted = False
+
+    @property
+    def recorded(self) -> bool:
+        """Whether what ran so far goes into dvc.lock."""
+        return self.cache is not None and not self.tainted
+
+    def decide(self, name: str, beside: bool = False) -> Decision:
+        """Whether stage ``name`` runs now; ``beside``: a stage beside the chain (``SIDE_STAGES``),
+        run only to keep dvc.lock current, so only when DVC says it is stale and the run is recorded."""
+        if beside:
+            if not self.recorded:
+                return Decision(name, "skipped", "no DVC project" if self.cache is None
+                                else "params differ from params.yaml: dvc.lock does not record this run")
+            why = self.cache.stale(name)
+        else:
+            own = differs(name, self.params, self.project_params)
+            self.tainted = self.tainted or own
+            why = self.force or ("params differ from params.yaml" if own else "no DVC project"
+                                 if self.cache is None else self.cache.stale(name))
+        return Decision(name, "cached", "dvc.lock up to date") if why is None else Decision(name, "run", why)
+
+    def ran(self, name: str) -> None:
+        """Stage ``name`` has run: record it in dvc.lock when this execution is recorded."""
+        if self.recorded:
+            self.cache.commit(name)
 
 
 def _section(doc: dict[str, Any], dotted: str) -> Any:

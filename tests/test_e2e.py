@@ -17,7 +17,7 @@ import pytest
 
 from dataopt.config import load_params
 from dataopt.artifacts import ARTIFACTS
-from dataopt.stages import ORDER
+from dataopt.stages import ALL, ORDER
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -97,12 +97,26 @@ def test_dataopt_run_end_to_end(tmp_path):
     assert run.info.start_time / 1000 <= min(r["started_at"] for r in records)
     assert (run.info.end_time - run.info.start_time) / 1000 >= sum(r["metrics"]["seconds"] for r in records)
     assert len(run.inputs.dataset_inputs) == 1
+    # one run per stage nested under it, spanning the stage's own time, with its headline metrics
+    nested = stage_runs(client, run)
+    assert {n: r.data.tags["dataopt.stage_status"] for n, r in nested.items()} == {
+        n: "ran" for n in ALL}
+    for n in ORDER:
+        duration = (nested[n].info.end_time - nested[n].info.start_time) / 1000
+        assert duration > 0 and duration >= records[ORDER.index(n)]["metrics"]["seconds"] - 0.002, n
+    assert nested["evaluate"].data.metrics["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert "artifacts/ingest/samples.parquet deleted" in nested["ingest"].data.tags["dataopt.stage_reason"]
 
     out2, t2 = dataopt_run(project)
     assert statuses(out2) == {n: "cached" for n in ORDER}, out2
     assert t2 < t1, (t1, t2)
     run2 = json.loads((project / "artifacts" / "track" / "run.json").read_text())["run_id"]
     assert run2 != run_info["run_id"]  # one MLflow run per execution, cached or not
+    nested = stage_runs(client, client.get_run(run2))
+    assert {n: r.data.tags["dataopt.stage_status"] for n, r in nested.items()} == {
+        n: "cached" for n in ALL}
+    assert nested["ingest"].data.tags["dataopt.stage_reason"] == "dvc.lock up to date"
+    assert nested["evaluate"].data.metrics["accuracy"] == pytest.approx(metrics["accuracy"])
 
     # the flow recorded the outputs in dvc.lock: DVC has nothing to do
     proc = subprocess.run([str(BIN / "dvc"), "status", "-q"], cwd=project, capture_output=True,
@@ -128,6 +142,13 @@ def test_dataopt_run_end_to_end(tmp_path):
     # ... so the next plain run puts back what params.yaml says, and DVC agrees again
     out5, _ = dataopt_run(project)
     assert statuses(out5)["train"] == "ran" and dvc_clean(project), out5
+
+
+def stage_runs(client, run) -> dict:
+    """The stage runs nested under pipeline run ``run``, by stage name."""
+    nested = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+    assert all(r.data.tags["dataopt.kind"] == "stage" and r.info.status == "FINISHED" for r in nested)
+    return {r.info.run_name: r for r in nested}
 
 
 def dvc_clean(project: Path) -> bool:

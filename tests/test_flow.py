@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import types
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def _with(params: Params, section: str, **values) -> Params:
 
 
 def test_a_stage_differs_only_when_its_own_params_sections_differ():
-    from flows.curate import differs
+    from tasks.versioning import differs
 
     base = Params()
     assert not any(differs(n, base, base) for n in stages.ORDER)
@@ -36,6 +37,55 @@ def test_a_stage_differs_only_when_its_own_params_sections_differ():
     assert [n for n in stages.ORDER if differs(n, seeded, base)] == [
         n for n in stages.ORDER if n != "evaluate"]  # evaluate's outputs do not depend on the seed
     assert all(differs(n, base, None) for n in stages.ORDER)  # no params.yaml: nothing to compare
+
+
+class FakeCache:
+    """DVC's answers by stage (None: up to date) and the stages committed to dvc.lock."""
+
+    def __init__(self, stale: dict):
+        self.answers, self.committed = stale, []
+
+    def stale(self, name):
+        return self.answers.get(name)
+
+    def commit(self, name):
+        self.committed.append(name)
+
+
+def test_a_stage_plan_runs_what_is_stale_forced_or_overridden_and_records_only_the_projects_params():
+    from tasks.versioning import StagePlan
+
+    base = Params()
+
+    def walk(plan):
+        out = {}
+        for n in stages.ALL:
+            d = plan.decide(n, beside=n not in stages.ORDER)
+            out[n] = (d.status, d.reason)
+            if d.run:
+                plan.ran(n)
+        return out
+
+    cache = FakeCache({"train": "changed deps: plan.parquet modified", "evaluate": "not in dvc.lock",
+                       "drift": "changed deps: data modified"})
+    got = walk(StagePlan(cache, base, base))
+    assert got["optimize"] == ("cached", "dvc.lock up to date")
+    assert got["train"] == ("run", "changed deps: plan.parquet modified")
+    assert got["drift"] == ("run", "changed deps: data modified")  # beside the chain: stale, recorded
+    assert cache.committed == ["train", "evaluate", "drift"]
+
+    cache = FakeCache({})  # an override of train's params: train and what follows run, nothing recorded
+    plan = StagePlan(cache, _with(base, "train", epochs=1), base)
+    got = walk(plan)
+    assert [n for n, (s, _) in got.items() if s == "run"] == ["train"] and plan.tainted
+    assert got["train"] == ("run", "params differ from params.yaml") and got["drift"][0] == "skipped"
+    assert cache.committed == []
+
+    got = walk(StagePlan(FakeCache({}), base, base, force="--no-cache"))
+    assert all(got[n] == ("run", "--no-cache") for n in stages.ORDER) and got["drift"][0] == "cached"
+    got = walk(StagePlan(None, base, base))  # outside a DVC project: the chain runs, nothing beside it
+    assert all(got[n] == ("run", "no DVC project") for n in stages.ORDER)
+    assert got["drift"] == ("skipped", "no DVC project")
 
 
 def test_user_errors_are_not_retried():
@@ -89,7 +139,12 @@ def test_tracking_logs_one_complete_run(tmp_path, monkeypatch):
     p = Params().model_copy(update={"tracking": Params().tracking.model_copy(
         update={"experiment": long[:20]}), "ingest": Params().ingest.model_copy(
         update={"classes": [long]})})
-    info = log_run(p, paths, overrides=["train.epochs=1"])
+    now = time.time()
+    ran = {"status": "ran", "why": "changed deps: artifacts/optimize/plan.parquet modified",
+           "started_at": now - 3, "ended_at": now - 1.5, "metrics": {"samples_seen": 100, "seconds": 1.5}}
+    cached = {"status": "cached", "why": "dvc.lock up to date", "started_at": now - 1.5, "ended_at": now - 1.4,
+              "metrics": {"accuracy": 0.93, "per_class_accuracy": {"0": 0.9}, "ece": float("nan")}}
+    info = log_run(p, paths, overrides=["train.epochs=1"], stages={"train": ran, "evaluate": cached})
 
     assert info["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert json.loads((tmp_path / "artifacts" / "track" / "run.json").read_text()) == info
@@ -123,6 +178,20 @@ def test_tracking_logs_one_complete_run(tmp_path, monkeypatch):
     sha = file_digest(tmp_path / "artifacts" / "ingest" / "samples.parquet")
     assert inputs[0].dataset.digest == sha[:32]
     assert {t.key: t.value for t in inputs[0].tags}["sha256"] == sha
+
+    # each stage of the execution is a run nested under it, spanning the stage's own time
+    assert d.tags["dataopt.stage.train"] == "ran" and d.tags["dataopt.stage.evaluate"] == "cached"
+    nested = {r.info.run_name: r for r in client.search_runs(
+        [info["experiment_id"]], f"tags.`mlflow.parentRunId` = '{info['run_id']}'")}
+    assert set(nested) == {"train", "evaluate"}
+    for name, rec in (("train", ran), ("evaluate", cached)):
+        r = nested[name]
+        assert r.info.status == "FINISHED" and r.data.tags["dataopt.kind"] == "stage"
+        assert r.data.tags["dataopt.stage"] == name and r.data.tags["dataopt.stage_status"] == rec["status"]
+        assert r.data.tags["dataopt.stage_reason"] == rec["why"]
+        assert r.info.start_time == int(rec["started_at"] * 1000) and r.info.end_time == int(rec["ended_at"] * 1000)
+    assert nested["train"].data.metrics == {"samples_seen": 100, "seconds": 1.5}
+    assert nested["evaluate"].data.metrics == {"accuracy": pytest.approx(0.93)}  # headline, finite only
 
     # a second call is a second run in the same experiment
     info2 = log_run(p, paths)
