@@ -258,3 +258,26 @@ def test_deterministic_for_a_seed():
     for name in a:
         assert a[name].shape == (400,) and np.array_equal(a[name], b[name]), name
     pd.testing.assert_frame_equal(pd.DataFrame(a), pd.DataFrame(b), check_exact=True)
+
+
+def test_diva_on_wide_embeddings_uses_their_principal_components():
+    """The ridge costs n d^2: embeddings wider than max_dim are projected first, with the same verdicts
+    when the projection keeps the signal (here rank 12 < max_dim 16)."""
+    from dataopt.perceive.signals import DivaGrad, SignalInputs
+
+    rng = np.random.default_rng(0)
+    n, classes = 400, 4
+    y = rng.integers(0, classes, n)
+    centres = rng.normal(size=(classes, 12)) * 3
+    z = (centres[y] + rng.normal(size=(n, 12))) @ rng.normal(size=(12, 64))
+    flipped = rng.random(n) < 0.15
+    noisy = np.where(flipped, (y + 1) % classes, y)
+    inputs = SignalInputs(embeddings=z.astype(np.float32), labels=noisy)
+    wide = DivaGrad(max_dim=16)
+    g = wide.compute(inputs)
+    assert wide.projected_["from_dim"] == 64 and wide.projected_["to_dim"] == 16
+    full = DivaGrad(max_dim=None)
+    g_full = full.compute(inputs)
+    assert full.projected_ is None
+    assert roc_auc_score(flipped, g) > 0.95 and roc_auc_score(flipped, g_full) > 0.95
+    assert np.corrcoef(g, g_full)[0, 1] > 0.9

@@ -86,23 +86,32 @@ def default_nlist(n: int) -> int:
 SEARCH_FIT_ROWS = 5000  # train rows the search projection's principal components are fitted on
 
 
-def search_space(vectors: np.ndarray, dim: Optional[int], seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
-    """``vectors`` as the neighbour search sees them: unchanged when ``dim`` is None or they are no wider,
-    else their first ``dim`` principal components (fitted on a seeded sample of ``SEARCH_FIT_ROWS``
-    rows), L2-normalised. A flat search costs n^2 d: 50,000 whitened_patches rows of 8,192 coordinates
-    would take ~7 minutes on 2 cores, their 512 components ~20 s; neighbours and duplicates are then
-    those of the projection (``info["projected"]`` says so), identical rows still at distance 0."""
+def principal_components(vectors: np.ndarray, dim: int, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """``(n, min(dim, ...))`` float32 coordinates of ``vectors`` on their first ``dim`` principal
+    components, fitted on a seeded sample of ``SEARCH_FIT_ROWS`` rows (randomized SVD, one BLAS thread:
+    the same components on any machine), and what was done."""
     n, d = vectors.shape
-    if dim is None or d <= dim or n < 2:
-        return vectors, {}
     rows = np.sort(np.random.default_rng(seed).choice(n, min(n, SEARCH_FIT_ROWS), replace=False))
     n_components = min(int(dim), len(rows))
-    with threadpool_limits(limits=1, user_api="blas"):  # the same components on any machine
-        pca = PCA(n_components, svd_solver="randomized", random_state=seed).fit(vectors[rows])
-    out = ((vectors - pca.mean_) @ pca.components_.T).astype(np.float32)
+    with threadpool_limits(limits=1, user_api="blas"):
+        pca = PCA(n_components, svd_solver="randomized", iterated_power=3, random_state=seed).fit(
+            np.asarray(vectors[rows], np.float32))
+    out = ((np.asarray(vectors, np.float32) - pca.mean_) @ pca.components_.T).astype(np.float32)
+    return out, {"from_dim": int(d), "to_dim": int(n_components), "fit_rows": int(len(rows)),
+                 "explained_variance": round(float(pca.explained_variance_ratio_.sum()), 4)}
+
+
+def search_space(vectors: np.ndarray, dim: Optional[int], seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """``vectors`` as the neighbour search sees them: unchanged when ``dim`` is None or they are no wider,
+    else their first ``dim`` principal components (:func:`principal_components`), L2-normalised. A flat
+    search costs n^2 d: 50,000 whitened_patches rows of 8,192 coordinates would take ~7 minutes on 2
+    cores, their 512 components ~20 s; neighbours and duplicates are then those of the projection
+    (``info["projected"]`` says so), identical rows still at distance 0."""
+    if dim is None or vectors.shape[1] <= dim or len(vectors) < 2:
+        return vectors, {}
+    out, info = principal_components(vectors, dim, seed)
     out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-    return out, {"projected": {"from_dim": int(d), "to_dim": int(n_components), "fit_rows": int(len(rows)),
-                               "explained_variance": round(float(pca.explained_variance_ratio_.sum()), 4)}}
+    return out, {"projected": info}
 
 
 def knn_graph(
