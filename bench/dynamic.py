@@ -17,16 +17,22 @@ Parts (``--parts``):
              stage's agreement gate) + plan (noise filter p_clean >= 0.5, p_clean weights), equal epochs
   adaaugment on clean labels: flip+crop only vs + RandAugment vs + TrivialAugmentWide vs + AdaAugment
 
-The density_consistency signals come from a K-fold (--proxy-folds) out-of-fold proxy run of the same
-network and recipe as the evaluated models, on the same labels (:meth:`Bench.proxy`; not the perceive
-stage's ``OOFDynamics``, whose folds, seeds and optimiser differ): the library's ``SIGNALS``
+The density_consistency signals come from a K-fold (--proxy-folds) out-of-fold proxy run on the same
+labels (:meth:`Bench.proxy`): the perceive stage's ``OOFDynamics`` (its stratified folds and per-fold
+seeds; for the head, its centring and one-factor scaling of the inputs) with the network and recipe of
+the evaluated models (:meth:`Bench.cfg`). The signals are the library's ``SIGNALS``
 ``semantic_consistency`` (no text tower on CIFAR here: the out-of-fold probability of the label) and
 ``knn_density`` (mean Euclidean distance to the 10 nearest neighbours of the L2-normalised penultimate
-features, faiss). The same proxy run gives the early losses and probabilities the curated part's
-analysis (the library's detector and gate) reads, unless ``--proxy-dynamics`` names a saved
-out-of-fold run (``bench/noise.py --save-dynamics``, e.g. the H100 airbench run in bench/dynamics,
-git-ignored: bench/README.md has the command that writes it): then the analysis reads that run's
-probabilities and losses for the same rows, and only the trained models are this run's.
+features of the first fold's model, faiss). The results in bench/results/dynamic_*.json came from the
+script's earlier own K-fold loop (random equal folds, seeds ``seed + f``): the same computation (given
+those folds and seeds, ``OOFDynamics`` reproduces its airbench losses and features exactly) on other
+folds and initialisations, so their proxy-dependent numbers reproduce to within the seed spread.
+
+The same proxy run gives the early losses and probabilities the curated part's analysis (the library's
+detector and gate) reads, unless ``--proxy-dynamics`` names a saved out-of-fold run (``bench/noise.py
+--save-dynamics``, e.g. the H100 airbench run in bench/dynamics, git-ignored: bench/README.md has the
+command that writes it): then the analysis reads that run's probabilities and losses for the same rows,
+and only the trained models are this run's.
 
 Examples
 --------
@@ -54,7 +60,6 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +67,7 @@ sys.path.insert(0, str(ROOT))
 
 from common import (RECIPES, argument_parser, dynamics_file, read_dynamics, require_dynamics,  # noqa: E402
                     saved_dynamics, stratified_subset)
+from dataopt.perceive.dynamics import OOFDynamics  # noqa: E402
 from dataopt.perceive.signals import SignalInputs  # noqa: E402
 import dataopt.plugins  # noqa: E402,F401  (fills the registries)
 from dataopt.registry import DYNAMIC_SELECTORS, SELECTORS  # noqa: E402
@@ -148,6 +154,9 @@ def decode(path: Path, n: int = 0, stratified: bool = False) -> tuple[np.ndarray
     return images, labels
 
 
+HEAD_HIDDEN = 512  # the head model's hidden units (the evaluated models and the proxy)
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -161,6 +170,7 @@ class Bench:
         self.test_halves = {"val": torch.from_numpy(val).to(self.device),
                             "heldout": torch.from_numpy(~val).to(self.device)}
         if args.model == "airbench":
+            self.images = xtr  # what OOFDynamics takes
             self.x = loop.images_to_tensor(xtr, self.device)
             self.x_test = loop.images_to_tensor(xte, self.device)
         else:  # standardised pixels -> PCA (fitted on the training images), float embeddings
@@ -193,7 +203,7 @@ class Bench:
             if self.args.model == "airbench":
                 m = AirbenchNet(10, width=self.args.width, flip_tta=True)
             else:
-                m = Head(self.x.shape[1], 10, hidden=512)
+                m = Head(self.x.shape[1], 10, hidden=HEAD_HIDDEN)
         return m.to(self.device)
 
     def accuracy(self, model: torch.nn.Module) -> dict[str, float]:
@@ -221,30 +231,17 @@ class Bench:
                 "epochs": len(hist), "history_tail": hist[-1]}
 
     def proxy(self, y: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
-        """K-fold out-of-fold run: per-epoch OOF loss, final OOF probs, features of the fold-0 model."""
-        n, epochs, k = len(y), self.args.proxy_epochs, self.args.proxy_folds
-        fold = np.random.default_rng(seed).permutation(n) % k
-        loss = np.zeros((epochs, n), np.float32)
-        probs = np.zeros((n, 10), np.float32)
-        feats = None
-        for f in range(k):
-            tr, ho = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-            x_ho = self.x[torch.as_tensor(ho, device=self.device)]
-            y_ho = torch.from_numpy(y[ho]).to(self.device)
-
-            def on_epoch(epoch: int, model: torch.nn.Module, ho=ho, x_ho=x_ho, y_ho=y_ho) -> dict:
-                lg = loop.predict_logits(model, x_ho)
-                loss[epoch - 1, ho] = F.cross_entropy(lg, y_ho, reduction="none").cpu().numpy()
-                probs[ho] = torch.softmax(lg, 1).cpu().numpy()
-                return {}
-
-            model = self.model(seed + 100 + f)
-            xt = self.x[torch.as_tensor(tr, device=self.device)]
-            loop.fit(model, xt, torch.from_numpy(y[tr]).to(self.device), self.cfg(seed + f, epochs),
-                     on_epoch=on_epoch)
-            if f == 0:
-                feats = loop.predict_features(model, self.x).cpu().numpy()
-        return {"loss": loss, "probs": probs, "features": feats, "fold": fold}
+        """The perceive stage's out-of-fold run (:class:`OOFDynamics`) with this bench's network and
+        recipe: per-epoch OOF loss, final OOF probs, the first fold model's features of every row."""
+        a, c = self.args, self.cfg(seed, self.args.proxy_epochs)  # the recipe of the evaluated models
+        oof = OOFDynamics(
+            model=a.model, hidden=HEAD_HIDDEN, width=a.width, folds=a.proxy_folds, epochs=c.epochs,
+            batch_size=c.batch_size, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+            augment=c.augment, label_smoothing=c.label_smoothing, translate=c.translate,
+            lookahead=c.lookahead, device=self.device.type, random_state=seed, keep_features=True,
+        ).fit(self.images if a.model == "airbench" else self.x.cpu().numpy(), y, 10)
+        d = oof.dynamics_
+        return {"loss": d.loss, "probs": d.probs, "features": oof.features_, "fold": d.fold}
 
 
 def saved_proxy(directory: Path, label_column: str, y: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:

@@ -315,3 +315,39 @@ def test_bench_readme_documents_the_command_that_writes_bench_dynamics():
     readme = (BENCH / "README.md").read_text()
     flat = " ".join(readme.replace("\\\n", " ").split())
     assert " ".join(common.REGENERATE_DYNAMICS.split()) in flat
+
+
+@pytest.mark.parametrize("model", ["head", "airbench"])
+def test_dynamic_bench_proxy_is_the_perceive_oof_run_with_the_bench_recipe(tmp_path: Path, model: str, monkeypatch):
+    """Bench.proxy trains OOFDynamics with the evaluated models' recipe, and its outputs feed the
+    density_consistency signals and the curated part's analysis."""
+    pytest.importorskip("faiss")
+    dynamic = pytest.importorskip("dynamic")
+    from dataopt.perceive import dynamics as dynamics_mod
+
+    real_fit, cfgs = dynamics_mod.fit, []
+
+    def spy(model, x, y, cfg, **kw):
+        cfgs.append(cfg)
+        return real_fit(model, x, y, cfg, **kw)
+
+    monkeypatch.setattr(dynamics_mod, "fit", spy)
+    data = _cifar10n_like(tmp_path / "cifar10n", n_train=120, n_test=20)
+    args = dynamic.parse_args(["--data", str(data), "--device", "cpu", "--model", model, "--width", "4",
+                               "--pca-dim", "16", "--proxy-epochs", "1", "--proxy-folds", "2", "--momentum", "0.7",
+                               "--translate", "1"])
+    bench = dynamic.Bench(args)
+    y = bench.labels["random_label1"]
+    proxy = bench.proxy(y, seed=1)
+    recipe = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing", "augment",
+              "translate", "lookahead")
+    expected = {k: getattr(bench.cfg(0, 1), k) for k in recipe}
+    assert [{k: getattr(c, k) for k in recipe} for c in cfgs] == [expected] * 2
+    assert expected["momentum"] == 0.7 and expected["lookahead"] == (model == "airbench")
+    assert proxy["loss"].shape == (1, 120) and sorted(set(proxy["fold"])) == [0, 1]
+    np.testing.assert_allclose(proxy["probs"].sum(1), 1, atol=1e-5)
+    assert proxy["features"].shape == (120, dynamic.HEAD_HIDDEN if model == "head" else 16)
+    signals, _ = dynamic.density_consistency_signals(proxy, y)
+    assert len(signals) == 120 and np.isfinite(signals.to_numpy()).all()
+    p_clean, info = dynamic.p_clean_gated(proxy, y, 1, "gmm")
+    assert p_clean.shape == (120,) and 0 <= info["flagged"] <= 120

@@ -173,6 +173,36 @@ def test_time_budget_truncates_to_the_epochs_every_fold_completed(monkeypatch):
     assert (d.p_label > 0).all()  # every row was scored at every kept epoch
 
 
+def test_keep_features_and_the_recipe_options_change_nothing_by_default(monkeypatch):
+    """keep_features adds the first fold model's features of every row and leaves the dynamics alone;
+    momentum, translate and lookahead reach the training loop and default to what perceive ran before."""
+    real_fit, cfgs = dynamics_mod.fit, []
+
+    def spy(model, x, y, cfg, **kw):
+        cfgs.append(cfg)
+        return real_fit(model, x, y, cfg, **kw)
+
+    monkeypatch.setattr(dynamics_mod, "fit", spy)
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    x = rng.normal(size=(60, 5)).astype(np.float32) + y[:, None]
+    kw = {"folds": 3, "epochs": 3, "batch_size": 16, "device": "cpu"}
+    base = OOFDynamics(**kw).fit(x, y, 3)
+    assert [(c.momentum, c.translate, c.lookahead) for c in cfgs] == [(0.9, None, False)] * 3
+    kept = OOFDynamics(keep_features=True, **kw).fit(x, y, 3)
+    assert not hasattr(base, "features_")
+    for name in ("loss", "probs", "fold", "center_distance"):
+        np.testing.assert_array_equal(getattr(kept.dynamics_, name), getattr(base.dynamics_, name))
+    # a linear head's features are its inputs, centred and scaled by fold 0's training rows as it saw them
+    tr = x[kept.dynamics_.fold != 0]
+    mu = tr.mean(0)
+    np.testing.assert_allclose(kept.features_, (x - mu) / np.sqrt(((tr - mu) ** 2).mean()), rtol=1e-4, atol=1e-5)
+    cfgs.clear()
+    other = OOFDynamics(momentum=0.5, translate=3, lookahead=True, **kw).fit(x, y, 3)
+    assert [(c.momentum, c.translate, c.lookahead) for c in cfgs] == [(0.5, 3, True)] * 3
+    assert not np.array_equal(other.dynamics_.loss, base.dynamics_.loss)
+
+
 def test_real_time_budget_and_early_epochs_clip(digits_ingested: Paths):
     params = validate({"perceive": {**FAST, "max_seconds": 1e-6, "early_epochs": 3}})
     run_stage("embed", params, digits_ingested)

@@ -23,7 +23,7 @@ from dataopt.errors import ConfigError, DataError
 from dataopt.io import save_npz
 from dataopt.registry import MODELS
 from dataopt.image_kernels import normalise
-from dataopt.train.loop import FitConfig, fit, images_to_tensor, seeded
+from dataopt.train.loop import FitConfig, fit, images_to_tensor, predict_features, seeded
 from dataopt.train.nets import Head, build_model  # nets also fills MODELS (the image networks)
 
 
@@ -170,10 +170,14 @@ class OOFDynamics:
         Head only: width of one hidden layer (0 = linear).
     width : int
         Image networks: width (ignored by networks without one).
-    folds, epochs, batch_size, lr, weight_decay : the K-fold training runs.
+    folds, epochs, batch_size, lr, momentum, weight_decay : the K-fold training runs.
     augment : "none" | "crop" | "flip_crop"
         Image networks: per-batch augmentation of :func:`dataopt.train.loop.fit`; with ``flip_crop``
         the network also averages its logits over the mirror image when it supports it (``flip_tta``).
+    translate : int or None
+        Largest random shift of the crop in px (None = :class:`~dataopt.train.loop.FitConfig`'s default).
+    lookahead : bool
+        Train with airbench's lookahead weight EMA.
     label_smoothing : float
         Label smoothing of the training loss (the recorded losses are plain cross-entropy).
     max_seconds : float or None
@@ -182,6 +186,10 @@ class OOFDynamics:
     device : "auto" | "cpu" | "cuda"
     random_state : int
         Seeds the folds, every model initialisation and every shuffle.
+    keep_features : bool
+        Also set ``features_``: the penultimate features of every row by the first fold's model, one
+        feature space for all rows (a kNN over them compares like with like; the out-of-fold rows each
+        come from another model's space). That model trained on the other folds' rows.
     """
 
     requires = ("features", "labels")
@@ -195,12 +203,16 @@ class OOFDynamics:
         epochs: int = 12,
         batch_size: int = 128,
         lr: float = 0.05,
+        momentum: float = 0.9,
         weight_decay: float = 5e-4,
         augment: str = "none",
         label_smoothing: float = 0.0,
+        translate: Optional[int] = None,
+        lookahead: bool = False,
         max_seconds: Optional[float] = None,
         device: str = "auto",
         random_state: int = 0,
+        keep_features: bool = False,
     ):
         self.model = model
         self.hidden = hidden
@@ -209,12 +221,16 @@ class OOFDynamics:
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
+        self.momentum = momentum
         self.weight_decay = weight_decay
         self.augment = augment
         self.label_smoothing = label_smoothing
+        self.translate = translate
+        self.lookahead = lookahead
         self.max_seconds = max_seconds
         self.device = device
         self.random_state = random_state
+        self.keep_features = keep_features
 
     def _inputs(self, x: np.ndarray, dev: torch.device) -> torch.Tensor:
         if self.model_ == "head":
@@ -248,7 +264,8 @@ class OOFDynamics:
         sample_id : (n,) int64, stored in ``dynamics_`` (default ``arange(n)``)
 
         Sets ``dynamics_`` (:class:`Dynamics`), ``history_`` (per fold, per epoch rows of ``fit``),
-        ``model_`` (the network's resolved name) and ``device_``.
+        ``model_`` (the network's resolved name), ``device_`` and, with ``keep_features``,
+        ``features_`` ((n, d) float32).
         """
         self.model_ = resolve_model(self.model)
         if self.augment not in ("none", "crop", "flip_crop"):
@@ -287,13 +304,15 @@ class OOFDynamics:
             fold[te] = f
             tr_t, te_t = torch.from_numpy(tr).to(dev), torch.from_numpy(te).to(dev)
             x_tr, x_te = x[tr_t], x[te_t]
+            standardise = lambda a: a
             if self.model_ == "head":
                 # centre, and scale by ONE factor so the mean per-coordinate variance is 1 (training
                 # folds' statistics): unit-norm embeddings are too small for SGD at usual learning
                 # rates, and a per-coordinate scale would blow up the embedding's noisy directions
                 mu = x_tr.mean(0)
                 scale = (x_tr - mu).pow(2).mean().sqrt().clamp_min(1e-6)
-                x_tr, x_te = (x_tr - mu) / scale, (x_te - mu) / scale
+                standardise = lambda a, mu=mu, scale=scale: (a - mu) / scale
+                x_tr, x_te = standardise(x_tr), standardise(x_te)
             y_te = y[te_t]
             rows = torch.arange(len(te), device=dev)
 
@@ -327,11 +346,14 @@ class OOFDynamics:
             seed = fold_seed(self.random_state, f)
             model = self._build(x, C, seed).to(dev)
             cfg = FitConfig(epochs=E, batch_size=int(self.batch_size), lr=float(self.lr),
-                            weight_decay=float(self.weight_decay), seed=seed,
+                            momentum=float(self.momentum), weight_decay=float(self.weight_decay), seed=seed,
                             label_smoothing=float(self.label_smoothing), augment=self.augment,
+                            translate=self.translate, lookahead=bool(self.lookahead),
                             max_seconds=self.max_seconds, progress=False,
                             desc=f"perceive fold {f + 1}/{self.folds}", lr_key="perceive.lr")
             history = fit(model, x_tr, y[tr_t], cfg, on_epoch=on_epoch)
+            if self.keep_features and f == 0:
+                self.features_ = predict_features(model, standardise(x)).cpu().numpy()
             self.history_.append(history)
             epochs_done.append(len(history))
 
