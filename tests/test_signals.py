@@ -281,3 +281,13 @@ def test_diva_on_wide_embeddings_uses_their_principal_components():
     assert full.projected_ is None
     assert roc_auc_score(flipped, g) > 0.95 and roc_auc_score(flipped, g_full) > 0.95
     assert np.corrcoef(g, g_full)[0, 1] > 0.9
+
+
+def test_vendi_score_of_a_wide_set_from_its_leading_eigenvalues():
+    from dataopt.perceive.diversity import vendi_score
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 30)) @ rng.normal(size=(30, 400)) + 0.05 * rng.normal(size=(600, 400))
+    exact = vendi_score(x, max_rank=1000)
+    assert vendi_score(x, max_rank=100) == pytest.approx(exact, rel=0.01)
+    assert 25 < exact < 40  # about the 30 directions the rows span

@@ -3,9 +3,13 @@ to the class centre (paper 002 §3)."""
 from __future__ import annotations
 
 import numpy as np
+from sklearn.utils.extmath import randomized_svd
 
 
-def vendi_score(x: np.ndarray) -> float:
+VENDI_MAX_RANK = 512  # eigenvalues computed exactly up to this rank; wider sets use a randomized SVD
+
+
+def vendi_score(x: np.ndarray, max_rank: int = VENDI_MAX_RANK) -> float:
     """Vendi score with the cosine-similarity kernel: ``exp(-sum_k l_k log l_k)`` over the eigenvalues
     ``l_k`` of ``K / n``, ``K = X_hat X_hat^T`` (rows of ``x`` L2-normalised).
 
@@ -17,6 +21,12 @@ def vendi_score(x: np.ndarray) -> float:
     ----------
     x : (n, d) float vectors (zero rows are ignored)
 
+    When ``min(n, d) > max_rank`` (5,000 rows of 8,192 whitened_patches coordinates: a 5,000 x 5,000
+    eigendecomposition per class, minutes on 2 cores) only the ``max_rank`` largest eigenvalues are
+    computed (randomized SVD, seeded) and the spectrum's remaining mass (the eigenvalues sum to 1) is
+    spread evenly over the other ``min(n, d) - max_rank``: exact for an even tail, and close whenever the
+    leading components hold nearly all of the mass, as embeddings' do.
+
     Returns
     -------
     float in ``[1, min(n, d)]``; 0.0 for an empty set.
@@ -27,8 +37,13 @@ def vendi_score(x: np.ndarray) -> float:
     n = len(x)
     if n == 0:
         return 0.0
-    gram = (x @ x.T) if n <= x.shape[1] else (x.T @ x)
-    lam = np.clip(np.linalg.eigvalsh(gram / n), 0.0, None)
+    if min(n, x.shape[1]) > max_rank:
+        lam = randomized_svd(x, max_rank, n_iter=3, random_state=0)[1] ** 2 / n
+        rest, tail = min(n, x.shape[1]) - max_rank, max(0.0, 1.0 - float(lam.sum()))
+        lam = np.concatenate([lam, np.full(rest, tail / rest)])
+    else:
+        gram = (x @ x.T) if n <= x.shape[1] else (x.T @ x)
+        lam = np.clip(np.linalg.eigvalsh(gram / n), 0.0, None)
     lam = lam[lam > 1e-12]
     return float(np.exp(-(lam * np.log(lam)).sum()))
 
