@@ -94,6 +94,8 @@ def machine_defaults(params: Params, paths: Paths) -> tuple[Params, dict[str, An
     :mod:`dataopt.profiles`), and the record of what was filled and why."""
     if not any(profiles.value_of(params, k) == profiles.AUTO for k in profiles.AUTO_KEYS):
         return params, {}
+    if not (paths.artifacts / "ingest" / "samples.parquet").exists():  # the stage names what is missing
+        return params, {}
     import torch  # why: the device decides the profile; torch is heavy and only needed when a key is auto
 
     split = read_samples(paths, ["split"])["split"]

@@ -138,8 +138,8 @@ def train_head(
     # the loss only: image / mix policies act on pixels, which a head never sees
     loss_fn = plan_training(dataclasses.replace(ts, augment={}), tp)[0]
     with loop.seeded(seed):
-        model = Head(d, ts.n_classes, hidden=tp.hidden)
-    model.to(device)
+        model = Head(d, ts.n_classes, hidden=tp.hidden, standardise=True)
+    model.fit_standardiser(torch.from_numpy(x)).to(device)
 
     cfg = loop.FitConfig(
         epochs=tp.epochs, batch_size=tp.batch_size, lr=tp.lr, momentum=tp.momentum,
@@ -154,7 +154,7 @@ def train_head(
     )
     config: dict[str, Any] = {
         "model": "head",
-        "kwargs": {"dim": d, "n_classes": ts.n_classes, "hidden": int(tp.hidden)},
+        "kwargs": {"dim": d, "n_classes": ts.n_classes, "hidden": int(tp.hidden), "standardise": True},
         "class_names": ts.class_names,
         "input": {"kind": "embedding", "dim": d, "dtype": "float32"},
         "seed": seed,

@@ -55,10 +55,18 @@ class SmallCNN(nn.Module):
 
 
 class Head(nn.Module):
-    """A linear (``hidden=0``) or one-hidden-layer classifier on ``(B, dim)`` embeddings."""
+    """A linear (``hidden=0``) or one-hidden-layer classifier on ``(B, dim)`` embeddings.
 
-    def __init__(self, dim: int, n_classes: int, hidden: int = 0):
+    ``standardise``: inputs are centred and divided by one scale first (buffers ``shift``, ``scale``, set
+    with :meth:`fit_standardiser` and saved with the weights), as the perceive stage's head does: unit-norm
+    embeddings of thousands of coordinates are too small for SGD at usual learning rates."""
+
+    def __init__(self, dim: int, n_classes: int, hidden: int = 0, standardise: bool = False):
         super().__init__()
+        self.standardise = bool(standardise)
+        if self.standardise:
+            self.register_buffer("shift", torch.zeros(dim))
+            self.register_buffer("scale", torch.ones(()))
         if hidden:
             self.body = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True))
             self.fc = nn.Linear(hidden, n_classes)
@@ -68,11 +76,22 @@ class Head(nn.Module):
             self.fc = nn.Linear(dim, n_classes)
             self.feature_dim = dim
 
+    @torch.no_grad()
+    def fit_standardiser(self, x: torch.Tensor) -> "Head":
+        """The perceive head's rule (``OOFDynamics``): centre, and scale by ONE factor so that the mean
+        per-coordinate variance is 1 (a per-coordinate scale would blow up the noisy directions)."""
+        self.shift.copy_(x.mean(0))
+        self.scale.copy_((x - self.shift).pow(2).mean().sqrt().clamp_min(1e-6))
+        return self
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.shift) / self.scale if self.standardise else x
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return self.body(self._inputs(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.body(x))
+        return self.fc(self.body(self._inputs(x)))
 
 
 # --- airbench-class network (Jordan, "94% on CIFAR-10 in 3.29 seconds on a single GPU", 2024) -----------
