@@ -50,6 +50,7 @@ from safetensors import SafetensorError
 
 import dataopt.embed.backends  # noqa: F401  (EMBEDDERS: a shard worker process imports only this module)
 import dataopt.embed.openclip  # noqa: F401  (EMBEDDERS)
+import dataopt.embed.patches  # noqa: F401  (EMBEDDERS)
 from dataopt.embed import shards as shardlib
 from dataopt.embed.base import Embedder, check_finite
 from dataopt.embed.duplicates import duplicate_groups
