@@ -111,3 +111,16 @@ def test_bad_inputs_are_one_line_errors(textures):
         WhitenedPatchesEmbedder(**{**SMALL, "n_patches": 0}).fit(images)
     with pytest.raises(ConfigError, match="dim must be null or >= 1"):
         WhitenedPatchesEmbedder(dim=0, **SMALL).fit(images)
+
+
+def test_a_shard_worker_importing_embed_run_alone_knows_every_embedder():
+    """A Dask shard worker (or a library caller of run_stage) imports dataopt.embed.run, not the plugins."""
+    import subprocess
+    import sys
+
+    import dataopt.plugins  # noqa: F401
+    from dataopt.registry import EMBEDDERS
+
+    code = "import dataopt.embed.run; from dataopt.registry import EMBEDDERS; print(sorted(EMBEDDERS.names()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(sorted(EMBEDDERS.names()))
