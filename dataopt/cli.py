@@ -27,7 +27,7 @@ from dataopt.cli_data import add_commands as add_data_commands
 from dataopt.cli_service import add_commands as add_service_commands
 from dataopt.cli_service import use_servers
 from dataopt.cli_models import add_commands as add_models_commands
-from dataopt.io import atomic_path, read_json
+from dataopt.io import atomic_path
 from dataopt.lock import WorkspaceLock, describe
 from dataopt.paths import Paths, check_sources
 

@@ -118,9 +118,6 @@ def test_a_shard_worker_importing_embed_run_alone_knows_every_embedder():
     import subprocess
     import sys
 
-    import dataopt.plugins  # noqa: F401
-    from dataopt.registry import EMBEDDERS
-
     code = "import dataopt.embed.run; from dataopt.registry import EMBEDDERS; print(sorted(EMBEDDERS.names()))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(sorted(EMBEDDERS.names()))
