@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dataopt import registry
 from dataopt.errors import ConfigError
 
-# a value of the keys listed in dataopt.profiles.AUTO_KEYS: chosen per machine and dataset size
+# a value of the keys listed in dataopt.profiles.AUTO_KEYS: chosen per machine and dataset size. The
+# shipped params.yaml writes them `auto`; a params file (or a Params()) that leaves them out gets the
+# defaults below, which are the `standard` profile
 AUTO = "auto"
 AutoFloat = Union[Literal["auto"], Annotated[float, Field(gt=0)]]
 AutoDecay = Union[Literal["auto"], Annotated[float, Field(ge=0)]]
@@ -65,7 +67,7 @@ class IngestParams(Section):
 
 
 class EmbedParams(Section):
-    backend: str = AUTO
+    backend: str = "pixels"
     # the two settings every model-based backend has, as first-class keys (e.g. open_clip:
     # `--set embed.model=ViT-B-32 --set embed.pretrained=ckpt.safetensors`); merged into kwargs
     model: Optional[str] = None
@@ -104,8 +106,8 @@ class PerceiveParams(Section):
     epochs: int = Field(12, ge=1)
     early_epochs: int = Field(3, ge=1)
     batch_size: int = Field(128, ge=1)
-    lr: AutoFloat = AUTO
-    weight_decay: AutoDecay = AUTO
+    lr: AutoFloat = 0.05
+    weight_decay: AutoDecay = 5e-4
     augment: Literal["none", "crop", "flip_crop"] = "none"  # image models only
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     max_seconds: Optional[float] = Field(None, gt=0)
@@ -256,14 +258,14 @@ Flip = Literal["random", "alternating"]
 
 class TrainParams(Section):
     model: str = "small_cnn"
-    mode: Literal["auto", "image", "head"] = AUTO  # head: a classifier on the embed stage's embeddings
+    mode: Literal["auto", "image", "head"] = "image"  # head: a classifier on the embed stage's embeddings
     hidden: int = Field(0, ge=0)  # head: hidden units (0 = linear)
     width: int = Field(32, ge=4)
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(128, ge=1)
-    lr: AutoFloat = AUTO
+    lr: AutoFloat = 0.05
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: AutoDecay = AUTO
+    weight_decay: AutoDecay = 5e-4
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     augment: Literal["none", "flip_crop", "crop"] = "none"
     translate: Optional[int] = Field(None, ge=1)  # crop: largest shift in px; null = image width // 8

@@ -24,15 +24,21 @@ from dataopt.config import AUTO, Params
 # 11 of the 12.6 minutes of the 50,000-image CIFAR-10N run; on digits (1,437 rows) it takes seconds
 LARGE_TRAIN = 5000
 
-PROFILES: dict[str, dict[str, Any]] = {
-    "standard": {"embed.backend": "pixels", "perceive.lr": 0.05, "perceive.weight_decay": 5e-4,
-                 "train.mode": "image", "train.lr": 0.05, "train.weight_decay": 5e-4},
-    # lr / weight decay of a linear head on 8,192 correlated patch features (docs/methods.md): 0.01 /
-    # 0.005 gave 63.1 % out of fold at 10k CIFAR-10 images against 60.4 % (NLL 3.2) for 0.05 / 5e-4
-    "cpu_large": {"embed.backend": "whitened_patches", "perceive.lr": 0.01, "perceive.weight_decay": 0.005,
-                  "train.mode": "head", "train.lr": 0.01, "train.weight_decay": 0.005},
-}
-AUTO_KEYS = tuple(PROFILES["standard"])  # the keys that may be written `auto`
+# lr / weight decay of a linear head on 8,192 correlated patch features (docs/methods.md): 0.01 /
+# 0.005 gave 63.1 % out of fold at 10k CIFAR-10 images against 60.4 % (NLL 3.2) for 0.05 / 5e-4
+CPU_LARGE = {"embed.backend": "whitened_patches", "perceive.lr": 0.01, "perceive.weight_decay": 0.005,
+             "train.mode": "head", "train.lr": 0.01, "train.weight_decay": 0.005}
+AUTO_KEYS = tuple(CPU_LARGE)  # the keys that may be written `auto`
+
+
+def value_of(params: Params, key: str) -> Any:
+    section, field = key.split(".")
+    return getattr(getattr(params, section), field)
+
+
+# standard: the schema's defaults for those keys (what a params file that leaves them out gets)
+PROFILES: dict[str, dict[str, Any]] = {"standard": {k: value_of(Params(), k) for k in AUTO_KEYS},
+                                       "cpu_large": CPU_LARGE}
 
 
 def choose(n_train: int, cuda: bool) -> tuple[str, str]:
@@ -66,7 +72,3 @@ def describe(record: dict[str, Any]) -> str:
     keys = ", ".join(f"{k}={v}" for k, v in record["applied"].items())
     return f"{record['profile']} ({record['why']}): {keys}"
 
-
-def value_of(params: Params, key: str) -> Any:
-    section, field = key.split(".")
-    return getattr(getattr(params, section), field)

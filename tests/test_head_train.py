@@ -59,7 +59,7 @@ def test_head_learns_digits_quickly(digits, hidden):
     assert len(history) == 8 and history[-1]["samples_seen"] == 8 * len(tr)
     assert history[-1]["loss"] < history[0]["loss"]
     assert config["model"] == "head" and config["input"] == {"kind": "embedding", "dim": 64, "dtype": "float32"}
-    assert config["kwargs"] == {"dim": 64, "n_classes": 10, "hidden": hidden}
+    assert config["kwargs"] == {"dim": 64, "n_classes": 10, "hidden": hidden, "standardise": True}
     assert config["class_counts"] == np.bincount(y[tr], minlength=10).tolist()
     assert config["train"] == {"batch_size": 64, "epochs": 8, "n_train_total": len(tr), "n_train_kept": len(tr),
                                "mode": "head", "dynamic": {"method": "none", "budget": 1.0}, "adaaugment": False}
