@@ -195,7 +195,10 @@ def test_a_signal_during_training_stops_at_once_with_one_line(tmp_path, sig, cod
         proc = subprocess.Popen(
             [sys.executable, "-m", "dataopt.cli", "stage", "train", "--project", str(tmp_path),
              "--set", "train.epochs=1000", "--set", "train.width=8", "--set", "train.device=cpu"],
-            stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            # a shell without job control starts background jobs with SIGINT ignored, and the child
+            # inherits it (pytest run as `cmd &`): give the child the default disposition a terminal has
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 120
             while "train:" not in err_file.read_text() and time.monotonic() < deadline:
