@@ -230,3 +230,56 @@ def identity_plan(samples: pd.DataFrame, keep: np.ndarray | None = None) -> pd.D
         "weight": np.ones(n), "sampling_weight": np.ones(n), "augment_magnitude": np.zeros(n),
         "new_label": tr["label"].to_numpy(), "reason": np.full(n, "test"),
     })
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """The API URL of one Prefect server on 127.0.0.1 for the whole session (what `dataopt server start`
+    runs). Without a server every `dataopt run` starts and stops a temporary API, ~8 s on 2 cores; the
+    end-to-end tests share this one instead. test_reliability keeps the temporary API, whose crash
+    cleanness it tests."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tmp_path_factory.mktemp("prefect-server")
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
+                             "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+            pytest.fail(f"the test Prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.3)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+@pytest.fixture
+def shared_prefect(prefect_server, monkeypatch) -> str:
+    """This test's flows (and the subprocesses it starts) use the session's Prefect server."""
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server)
+    return prefect_server

@@ -172,7 +172,7 @@ def artifact_dir() -> Path:
 
 
 # chromium before mlflow_server: without a browser the test skips before the server starts
-def test_compare_two_runs_in_the_mlflow_ui(chromium, mlflow_server, tmp_path):
+def test_compare_two_runs_in_the_mlflow_ui(chromium, mlflow_server, tmp_path, shared_prefect):
     project = make_project(tmp_path / "proj")
     runs = [run_pipeline(project, mlflow_server),
             run_pipeline(project, mlflow_server, "--set", "optimize.ratio=0.5")]

@@ -92,7 +92,7 @@ def test_dvcignore_hides_bytecode_from_the_code_dependency():
 
 
 @pytest.mark.slow
-def test_fresh_project_dvc_repro_then_nothing_to_do_then_experiment(tmp_path):
+def test_fresh_project_dvc_repro_then_nothing_to_do_then_experiment(tmp_path, shared_prefect):
     """Like a fresh clone with no DVC remote: `dvc repro` runs the chain on the built-in dataset
     (data/ holds only its README), a second `dvc repro` has nothing to do, and `dvc exp run -S`
     records an experiment that `dvc exp show` lists, with one MLflow run per execution."""

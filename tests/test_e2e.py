@@ -68,7 +68,7 @@ def statuses(stdout: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_dataopt_run_end_to_end(tmp_path):
+def test_dataopt_run_end_to_end(tmp_path, shared_prefect):
     project = make_project(tmp_path / "proj")
 
     out1, t1 = dataopt_run(project)
@@ -158,7 +158,7 @@ def dvc_clean(project: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_dataopt_run_with_a_local_openclip_checkpoint(tmp_path, tiny_openclip_checkpoint):
+def test_dataopt_run_with_a_local_openclip_checkpoint(tmp_path, tiny_openclip_checkpoint, shared_prefect):
     # the command: dataopt run --set embed.backend=open_clip --set embed.pretrained=<ckpt>,
     # offline, on the CPU, with a tiny randomly initialised OpenCLIP model saved by the test
     name, config_path, checkpoint = tiny_openclip_checkpoint

@@ -215,6 +215,12 @@ def test_config_imports_no_torch_and_no_family():
     assert not loaded, f"import dataopt.config loads {loaded[:10]}"
 
 
+def test_the_registry_loads_no_torchvision():
+    # torchvision's import loads torch._dynamo: 1.5 s on every `dataopt` command and stage process
+    out = _python("import sys, dataopt.plugins, dataopt.cli; print('torchvision' in sys.modules)")
+    assert out.strip() == "False"
+
+
 # Each module imported alone: one child process per module, forked from a parent that has imported
 # the heavy third-party libraries but nothing of dataopt (fork: the children start in milliseconds).
 ALONE = r"""

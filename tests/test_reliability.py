@@ -195,12 +195,12 @@ def _uvicorn_children() -> list[int]:
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_gives_the_same_artifacts_and_no_leftovers(tmp_path):
+def test_kill_9_then_rerun_gives_the_same_artifacts_and_no_leftovers(tmp_path, prefect_server):
     from test_e2e import BIN, make_project, project_env
 
-    reference = make_project(tmp_path / "ref")
-    subprocess.run([str(BIN / "dataopt"), "run"], cwd=reference, env=project_env(reference),
-                   capture_output=True, check=True, timeout=600)
+    reference = make_project(tmp_path / "ref")  # the expected artifacts (the shared server: quicker)
+    subprocess.run([str(BIN / "dataopt"), "run"], cwd=reference, capture_output=True, check=True, timeout=600,
+                   env={**project_env(reference), "PREFECT_API_URL": prefect_server})
     expected = _digest_data_artifacts(reference)
 
     project = make_project(tmp_path / "killed")
@@ -238,7 +238,7 @@ def test_kill_9_then_rerun_gives_the_same_artifacts_and_no_leftovers(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_runs_in_one_checkout_never_mix(tmp_path):
+def test_two_runs_in_one_checkout_never_mix(tmp_path, shared_prefect):
     from test_e2e import BIN, make_project, project_env
 
     project = make_project(tmp_path / "proj")

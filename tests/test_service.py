@@ -38,7 +38,7 @@ def _flow(project: Path, env: dict, code: str, **kw) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_dropped_demo_batches_become_the_expected_decisions(tmp_path):
+def test_dropped_demo_batches_become_the_expected_decisions(tmp_path, shared_prefect):
     from dataopt import loop
     from dataopt.demo import demo_batch
     from dataopt.ingest.add import remove_batch_files

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as F
 
 # severity 1..5 -> parameter (CIFAR-10-C's values)
 SEVERITIES = {
@@ -34,6 +33,8 @@ def corrupt(images: np.ndarray, kind: str, severity: int, rng: np.random.Generat
         raise ValueError(f"severity must be 0..5, got {severity}")
     if severity == 0 or len(images) == 0:
         return images.copy()
+    import torchvision.transforms.v2.functional as F  # why: torchvision loads torch._dynamo (1.5 s a start)
+
     c = SEVERITIES[kind][severity - 1]
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) copy
     h, w = x.shape[-2:]

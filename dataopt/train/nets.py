@@ -5,7 +5,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
 
 from dataopt.registry import MODELS, hyperparameters
 from dataopt.train.loop import seeded
@@ -214,6 +213,8 @@ class ResNet18(nn.Module):
     stride-1 stem and no stem max-pool. ``width`` is the first stage's channels (64 = the standard net)."""
 
     def __init__(self, n_classes: int, in_channels: int = 3, width: int = 64):
+        from torchvision.models.resnet import BasicBlock, ResNet  # why: loads torch._dynamo (1.5 s a start)
+
         super().__init__()
         net = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=n_classes, width_per_group=64)
         if width != 64:  # rebuild the stages at another width (the stem conv is replaced below)

@@ -25,7 +25,6 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 from dataopt.errors import ConfigError
 from dataopt.image_kernels import crop_pad, random_crop_flip, standardise
@@ -74,6 +73,8 @@ def _transform(image: dict, m: float) -> tuple[Any, bool]:
     TrivialAugmentWide and AutoAugment have no magnitude knob, so ``m`` is the probability the policy is
     applied to the sample.
     """
+    from torchvision.transforms import v2  # why: torchvision loads torch._dynamo (1.5 s a start)
+
     p = image["policy"]
     if p == "randaugment":
         bins = int(image.get("num_magnitude_bins", 31))
@@ -186,6 +187,8 @@ class BatchAugmenter:
         dummy labels ``arange(B)`` give soft targets ``lam * I + (1 - lam) * roll(I)``, so ``lam`` is
         entry (0, 0); the real soft targets are built from it in the loss.
         """
+        from torchvision.transforms import v2  # why: see _transform
+
         b = len(x)
         alpha = float(self.mixing.get("alpha", 1.0))
         kind = self.mixing["policy"]
