@@ -8,7 +8,7 @@ The training set is declared where DVC sees it: the flow sets ``ingest.batches``
 promoted challenger keeps it, so ``dvc repro`` reproduces the champion's pipeline and ``dvc status``
 stays clean. A rejected challenger is rolled back: params.yaml and dvc.lock as they were, the artifacts
 back from DVC's cache (``dvc checkout``). Its new batches are rejected for good when the challenger did
-harm (significantly worse overall, or a class dropping more than allowed: :func:`harm`); otherwise they
+harm (significantly worse overall, or a class dropping significantly more than allowed: :func:`harm`); otherwise they
 were only not enough to prove a gain and are deferred: the next retrain pools them with newer ones. A
 journal (``.dataopt/retrain.json``) makes a retrain killed midway roll back the same way when the next
 loop flow starts.

@@ -165,3 +165,25 @@ def test_harm_tells_a_worse_challenger_from_one_not_proven_better():
     assert "class" in harm(decide_promotion(champ, one_class, y, 5))
     better = np.where(rng.random(2000) < 0.99, y, (y + 1) % 5)
     assert harm(decide_promotion(champ, better, y, 5)) is None
+
+
+def test_a_class_drop_within_its_noise_blocks_promotion_but_is_no_harm():
+    # 100 rows a class: 9 of class 0's right answers become wrong and 3 wrong ones right, -6 points:
+    # over max_class_drop, but 9 against 3 discordant rows is within the class's noise
+    from dataopt.evaluate.compare import decide_promotion, harm
+
+    y = np.repeat(np.arange(10), 100)
+    champ = y.copy()
+    champ[::5] = (y[::5] + 1) % 10  # 80 % right in every class
+    noisy = champ.copy()
+    c0 = np.flatnonzero(y == 0)
+    right, wrong = c0[champ[c0] == 0], c0[champ[c0] != 0]
+    noisy[right[:9]] = 1
+    noisy[wrong[:3]] = 0
+    p = decide_promotion(champ, noisy, y, 10)
+    assert not p.promote and "class '0' drops by 0.0600" in p.reason
+    assert p.numbers["worst_class_delta_high"] >= 0 and harm(p) is None
+    collapsed = champ.copy()
+    collapsed[c0] = 1  # class 0 lost: significant
+    p = decide_promotion(champ, collapsed, y, 10)
+    assert p.numbers["worst_class_delta_high"] < 0 and "class '0' drops by 0.8000" in harm(p)
