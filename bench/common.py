@@ -152,3 +152,14 @@ def write_digits_cifar(folder: Path, test_fraction: float = 0.2, seed: int = 0) 
             "id": rows.astype(np.int32), "image": pa.array(images, pa.binary()),
             "label": d.target[rows].astype(np.int16), "label_name": [str(c) for c in d.target[rows]]}))
     return Path(folder)
+
+
+# the CIFAR-10 stream of bench/stream.py (simulated loop) and bench/stream_flows.py (the real flows)
+PRIOR_CLASSES = (2, 3, 4)  # bird, cat, deer at a third of their share
+EXTRA_FLIPS = 0.20  # points of symmetric noise added to random_label1 in the second worse-label batch
+# the stream, in order: (name, kind, argument); clean and corrupted batches come from the corrupted
+# rows' pool, the others from the rest, so no row is in two batches
+STREAM = [("clean_1", "clean", "rest"), ("clean_2", "clean", "rest"), ("noise_s3", "corrupt", "gaussian_noise_s3"),
+          ("human_labels", "labels", 0.0), ("prior", "prior", None), ("contrast_s4", "corrupt", "contrast_s4"),
+          ("clean_3", "clean", "corrupt_pool"), ("human+flips", "labels", EXTRA_FLIPS),
+          ("blur_s3", "corrupt", "gaussian_blur_s3"), ("clean_4", "clean", "corrupt_pool")]

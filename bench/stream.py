@@ -50,21 +50,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import argument_parser, decode_images, split_cifar_rows, stratified_subset
+from common import PRIOR_CLASSES, STREAM, argument_parser, decode_images, split_cifar_rows, stratified_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 N_CLASSES = 10
 FOLDS = 4  # out-of-fold probabilities of the curation (the perceive stage's folds)
-PRIOR_CLASSES = (2, 3, 4)  # bird, cat, deer at a third of their share
-EXTRA_FLIPS = 0.20  # points of symmetric noise added to random_label1 in the second worse-label batch
-# the stream, in order: (name, kind, argument); clean and corrupted batches come from the corrupted
-# rows' pool, the others from the rest, so no row is in two batches
-STREAM = [("clean_1", "clean", "rest"), ("clean_2", "clean", "rest"), ("noise_s3", "corrupt", "gaussian_noise_s3"),
-          ("human_labels", "labels", 0.0), ("prior", "prior", None), ("contrast_s4", "corrupt", "contrast_s4"),
-          ("clean_3", "clean", "corrupt_pool"), ("human+flips", "labels", EXTRA_FLIPS),
-          ("blur_s3", "corrupt", "gaussian_blur_s3"), ("clean_4", "clean", "corrupt_pool")]
 POLICIES = ("loop", "always", "always_raw", "never")
 
 
