@@ -241,41 +241,24 @@ def prefect_server(tmp_path_factory):
     import os
     import signal
     import socket
-    import subprocess
     import sys
-    import time
-    import urllib.request
+
+    from dataopt.cli_service import _start
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     home = tmp_path_factory.mktemp("prefect-server")
+    (home / ".dataopt").mkdir()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "wb")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
-                             "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
-            pytest.fail(f"the test Prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.3)
+    url = f"http://127.0.0.1:{port}"
+    # what `dataopt server start` runs, started and awaited by the same helper
+    pid = _start("prefect", [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
+                             "127.0.0.1", "--port", str(port)], url + "/api/health", home, env)
+    url += "/api"
     yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    os.killpg(pid, signal.SIGTERM)  # the server and its workers (_start made it a session leader)
 
 
 @pytest.fixture
